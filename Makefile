@@ -1,0 +1,52 @@
+# Every user-facing action is one target. Needs only python3 and make: uv is bootstrapped if missing,
+# and the environment comes from the committed uv.lock.
+#   make pretrain [CONFIG=configs/pretrain/<x>.yaml] [ARGS="optim.lr=1e-3 data.batch_size=64"] [NPROC=2]
+#   make finetune [PRETRAINED=<run dir|checkpoint dir|MLflow run id>] [CONFIG=...] [ARGS=...]
+#   make shards [SHARDS_ARGS="--source /path/to/imagefolder --out data/mine --max-side 512"]
+#   make test | make ui [HOST=127.0.0.1 PORT=5000]
+
+SHELL := /bin/bash
+PRETRAIN_CONFIG ?= configs/pretrain/digits_vit.yaml
+FINETUNE_CONFIG ?= configs/finetune/digits_vit.yaml
+ARGS ?=
+NPROC ?=
+HOST ?= 127.0.0.1
+PORT ?= 5000
+PYTEST_ARGS ?=
+export MLFLOW_DISABLE_TELEMETRY := true
+export PYTHONUNBUFFERED := 1
+
+UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+RUN := $(UV) run --locked --no-sync python
+LAUNCH_ARGS = $(if $(NPROC),launch.nproc=$(NPROC))
+DEMO_SHARDS := data/digits/manifest.json
+
+.PHONY: setup pretrain finetune pipeline shards test ui clean-runs
+
+setup: .venv/.synced
+
+.tools/bin/uv:
+	@echo "uv not found: installing it into .tools/ from PyPI"
+	python3 -m venv .tools && .tools/bin/pip install --quiet uv
+
+.venv/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked
+	@touch $@
+
+$(DEMO_SHARDS): | setup
+	$(RUN) -m pipeline shards --source digits --out data/digits
+
+shards: setup
+	$(RUN) -m pipeline shards $(or $(SHARDS_ARGS),--source digits --out data/digits)
+
+pretrain: setup $(DEMO_SHARDS)
+	$(RUN) -m pipeline pretrain --config $(or $(CONFIG),$(PRETRAIN_CONFIG)) $(LAUNCH_ARGS) $(ARGS)
+
+finetune: setup $(DEMO_SHARDS)
+	$(RUN) -m pipeline finetune --config $(or $(CONFIG),$(FINETUNE_CONFIG)) $(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(LAUNCH_ARGS) $(ARGS)
+
+test: setup
+	$(RUN) -m pytest $(PYTEST_ARGS)
+
+ui: setup
+	$(RUN) -m pipeline ui --host $(HOST) --port $(PORT)

@@ -1,0 +1,31 @@
+"""Shared fixtures: small real data made by the tests themselves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """The digits demo written as shards (train 4 x 400, val 1 x 300), once per test session."""
+    from pipeline.shards import write_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    write_digits(out, samples_per_shard=400)
+    return out
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The CLI exactly as the Makefile runs it, in a fresh process."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None) if env is None or "MLFLOW_TRACKING_URI" not in env else None
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

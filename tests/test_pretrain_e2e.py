@@ -1,0 +1,103 @@
+"""Real 2-process CPU DeepSpeed (ZeRO-2) runs through the CLI: checkpoint, exact resume, MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+TOTAL_STEPS = 8
+STOP_AT = 4
+
+
+def overrides(shards: Path, runs: Path, name: str, *extra: str) -> list[str]:
+    """A tiny ViT on digits, 2 ranks, ZeRO-2, 8 steps, loss logged every step."""
+    return [f"data.train_shards={shards}/train-{{000000..000003}}.tar", f"data.val_shards={shards}/val-000000.tar",
+            "data.batch_size=32", "data.num_workers=1", "data.shuffle_buffer=64",
+            "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.drop_path_rate=0.1",
+            "augment.mixup=0.2",  # exercises the main-process RNG too
+            f"optim.epochs={TOTAL_STEPS * 32 / 1497}", "optim.warmup_epochs=0.05",
+            "deepspeed.zero_stage=2", "deepspeed.precision=fp32", "launch.nproc=2",
+            "checkpoint.every_steps=3", "eval.every_steps=0", "tracking.log_every_steps=1",
+            f"run.root={runs}", f"run.name={name}", *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(digits_shards, tmp_path_factory):
+    """An uninterrupted run, and one stopped at step 4 then started again with the same command."""
+    root = tmp_path_factory.mktemp("runs")
+    results = {}
+    results["full"] = run_cli("pretrain", *overrides(digits_shards, root, "full"), cwd=ROOT)
+    results["first"] = run_cli("pretrain", *overrides(digits_shards, root, "resumed", f"run.stop_at_step={STOP_AT}"),
+                               cwd=ROOT)
+    results["second"] = run_cli("pretrain", *overrides(digits_shards, root, "resumed"), cwd=ROOT)
+    return root, results
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_uninterrupted_run_completes_with_checkpoints_and_eval(runs):
+    root, results = runs
+    _ok(results["full"])
+    summary = json.loads((root / "full/summary.json").read_text())
+    assert summary["step"] == TOTAL_STEPS and summary["world_size"] == 2
+    assert summary["final"]["val_samples"] == 300  # both ranks' val shards, each sample once
+    tags = sorted(p.name for p in (root / "full/checkpoints").iterdir() if p.is_dir())
+    assert tags == ["step00000006", "step00000008"]  # every 3 steps, keep_last=2, and the end
+    for tag in tags:
+        assert (root / "full/checkpoints" / tag / "COMPLETE").exists()
+        assert (root / "full/checkpoints" / tag / "rng_rank00001.pt").exists()
+    assert (root / "full/checkpoints/latest").read_text() == "step00000008"
+    assert (root / "full/config.yaml").exists()
+
+
+def test_stopped_run_leaves_a_resumable_checkpoint(runs):
+    root, results = runs
+    assert results["first"].returncode == 3, results["first"].stderr[-3000:]
+    assert "resume" in results["first"].stderr
+    assert "resuming pretrain run" in results["second"].stderr
+    _ok(results["second"])
+
+
+def test_resumed_run_continues_with_the_uninterrupted_losses(runs):
+    root, results = runs
+    _ok(results["full"])
+    _ok(results["second"])
+    full = dict(map(tuple, json.loads((root / "full/summary.json").read_text())["loss_history"]))
+    resumed = dict(map(tuple, json.loads((root / "resumed/summary.json").read_text())["loss_history"]))
+    assert sorted(resumed) == list(range(1, TOTAL_STEPS + 1))
+    for step in range(STOP_AT + 1, TOTAL_STEPS + 1):  # after the resume: same data, RNG, optimizer state
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
+    assert full[TOTAL_STEPS] != full[1]
+
+
+def test_mlflow_store_holds_one_run_per_pipeline_run_with_params_and_metrics(runs):
+    from mlflow.tracking import MlflowClient
+
+    root, results = runs
+    _ok(results["second"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("digits_vit")
+    found = client.search_runs([experiment.experiment_id])
+    by_name = {}
+    for run in found:
+        by_name.setdefault(run.info.run_name, []).append(run)
+    assert sorted(by_name) == ["full", "resumed"] and len(by_name["resumed"]) == 1, "a resume continues its run"
+    run = by_name["resumed"][0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.002" and run.data.params["deepspeed.zero_stage"] == "2"
+    assert run.data.tags["world_size"] == "2" and run.data.tags["restarts"] == "1"
+    assert len(run.data.tags["git_commit"]) > 0
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted({m.step for m in losses}) == list(range(1, TOTAL_STEPS + 1))
+    for key in ("lr", "grad_norm", "images_per_s", "val_top1", "val_top5", "skipped_samples"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "summary.json"} <= artifacts
