@@ -2,6 +2,7 @@
 # and the environment comes from the committed uv.lock.
 #   make pretrain [CONFIG=configs/pretrain/<x>.yaml] [ARGS="optim.lr=1e-3 data.batch_size=64"] [NPROC=2]
 #   make finetune [PRETRAINED=<run dir|checkpoint dir|MLflow run id>] [CONFIG=...] [ARGS=...]
+#   make pipeline [PRETRAIN_CONFIG=... FINETUNE_CONFIG=...] [ARGS=...]   (Slurm: ARGS="launch.cluster=slurm ...")
 #   make shards [SHARDS_ARGS="--source /path/to/imagefolder --out data/mine --max-side 512"]
 #   make test | make ui [HOST=127.0.0.1 PORT=5000]
 
@@ -21,7 +22,7 @@ RUN := $(UV) run --locked --no-sync python
 LAUNCH_ARGS = $(if $(NPROC),launch.nproc=$(NPROC))
 DEMO_SHARDS := data/digits/manifest.json
 
-.PHONY: setup pretrain finetune pipeline shards test ui clean-runs
+.PHONY: setup pretrain finetune pipeline shards test ui bench
 
 setup: .venv/.synced
 
@@ -45,8 +46,25 @@ pretrain: setup $(DEMO_SHARDS)
 finetune: setup $(DEMO_SHARDS)
 	$(RUN) -m pipeline finetune --config $(or $(CONFIG),$(FINETUNE_CONFIG)) $(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(LAUNCH_ARGS) $(ARGS)
 
+# pretrain, then fine-tune from it: in turn locally; on Slurm (ARGS="launch.cluster=slurm ...") as two chained jobs
+pipeline: setup $(DEMO_SHARDS)
+	$(RUN) -m pipeline pipeline --pretrain-config $(PRETRAIN_CONFIG) --finetune-config $(FINETUNE_CONFIG) $(LAUNCH_ARGS) $(ARGS)
+
 test: setup
 	$(RUN) -m pytest $(PYTEST_ARGS)
 
+bench: setup
+	$(RUN) -m pipeline bench --config $(or $(CONFIG),configs/bench/cpu_vit_tiny.yaml) $(ARGS)
+
 ui: setup
 	$(RUN) -m pipeline ui --host $(HOST) --port $(PORT)
+
+.PHONY: tracking-sync bench-tracking
+# What MLflow tracking costs a training step, against a real mlflow server on loopback (docs/performance.md)
+bench-tracking: setup
+	$(RUN) -m pipeline.bench_tracking $(ARGS)
+
+# Upload a run's MLflow records kept while the tracking server was unreachable: make tracking-sync RUN_DIR=runs/<dir>
+tracking-sync: setup
+	@test -n "$(RUN_DIR)" || { echo "usage: make tracking-sync RUN_DIR=runs/<run folder>" >&2; exit 2; }
+	$(RUN) -m pipeline tracking-sync $(RUN_DIR)

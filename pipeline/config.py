@@ -97,6 +97,21 @@ class OptimConfig:
     layer_decay: Optional[float] = None  # layer-wise lr decay (fine-tuning), e.g. 0.65
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     grad_accum_steps: int = 1
+    ema_decay: Optional[float] = None  # EMA of the weights (timm ModelEmaV3), e.g. 0.999; evaluated as val_top1_ema
+    ema_warmup: bool = True  # ramp the decay up from 0 (short fine-tunes); see timm's ModelEmaV3
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage finetune: where the weights come from and how they are adapted (pipeline/finetune.py)."""
+
+    pretrained: Optional[str] = None  # run dir | checkpoint dir | MLflow run id; --pretrained sets it
+    pos_embed_method: str = "bicubic"  # resampling of ViT pos_embed / Swin tables (pipeline/adapt.py)
+    antialias: bool = False  # False: the MAE/DeiT fine-tune convention (see adapt.resample_pos_embed)
+    rel_pos_method: Optional[str] = None  # Swin bias tables; None: pos_embed_method; "geometric": timm's resize
+    reinit_head: str = "auto"  # auto: new head when num_classes differs | always | never
+    register_as: Optional[str] = None  # MLflow registered model; None: "<config family>-finetuned"; "" disables
+    weights: Optional[str] = None  # set when resolved: the converted fp32 pretrained.safetensors
 
 
 @dataclass
@@ -125,6 +140,11 @@ class TrackingConfig:
     artifact_location: Optional[str] = None  # None: <run.root>/mlartifacts for a local store
     experiment: Optional[str] = None  # None: "<stage>-<config family>"
     log_every_steps: int = 10
+    flush_every_s: float = 5.0  # the background sender sends the journal this often (training never waits)
+    final_wait_s: float = 60.0  # at the end, wait at most this long for an unreachable server, then keep a spool
+    parent_run_id: Optional[str] = None  # MLflow run to nest under (the pipeline's parent run)
+    system_metrics: bool = True  # per-node CPU/memory/GPU metrics, from each node's local rank 0
+    peak_tflops: Optional[float] = None  # dense peak per device for MFU; None: known GPUs' table (none on CPU)
 
 
 @dataclass
@@ -166,6 +186,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def world_size(self) -> int:
@@ -295,6 +316,9 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
 def validate(config: Config) -> None:
     """Checks that need more than one field, or a range."""
     _one_of("run.stage", config.run.stage, ("pretrain", "finetune"))
@@ -311,6 +335,7 @@ def validate(config: Config) -> None:
                        ("data.prefetch_factor", config.data.prefetch_factor),
                        ("data.shuffle_buffer", config.data.shuffle_buffer),
                        ("tracking.log_every_steps", config.tracking.log_every_steps),
+                       ("tracking.flush_every_s", config.tracking.flush_every_s),
                        ("checkpoint.keep_last", config.checkpoint.keep_last)]:
         _positive(key, value)
     for key, value in [("data.num_workers", config.data.num_workers),
@@ -319,6 +344,7 @@ def validate(config: Config) -> None:
                        ("optim.grad_clip", config.optim.grad_clip),
                        ("optim.min_lr", config.optim.min_lr),
                        ("checkpoint.every_steps", config.checkpoint.every_steps),
+                       ("tracking.final_wait_s", config.tracking.final_wait_s),
                        ("eval.every_steps", config.eval.every_steps),
                        ("augment.label_smoothing", config.augment.label_smoothing),
                        ("augment.mixup", config.augment.mixup), ("augment.cutmix", config.augment.cutmix),
@@ -327,6 +353,12 @@ def validate(config: Config) -> None:
     if config.optim.warmup_epochs >= config.optim.epochs:
         raise ConfigError(f"optim.warmup_epochs={config.optim.warmup_epochs} must be below "
                           f"optim.epochs={config.optim.epochs}")
+    if config.tracking.peak_tflops is not None:
+        _positive("tracking.peak_tflops", config.tracking.peak_tflops)
+    uri = config.tracking.tracking_uri
+    if uri and ":" in uri and uri.split(":", 1)[0].split("+", 1)[0] not in TRACKING_SCHEMES:  # a plain path is a file store
+        raise ConfigError(f"tracking.tracking_uri={uri!r} is not an MLflow store URI; use one of "
+                          f"{', '.join(s + ':' for s in TRACKING_SCHEMES)} (e.g. http://mlflow-host:5000)")
     if config.optim.layer_decay is not None and not 0 < config.optim.layer_decay <= 1:
         raise ConfigError(f"optim.layer_decay={config.optim.layer_decay} must be in (0, 1]")
     if not 0 <= config.augment.label_smoothing < 1:
@@ -337,8 +369,51 @@ def validate(config: Config) -> None:
             config.launch.gpus_per_node and config.launch.tasks_per_node != config.launch.gpus_per_node:
         raise ConfigError(f"launch.tasks_per_node={config.launch.tasks_per_node} must equal "
                           f"launch.gpus_per_node={config.launch.gpus_per_node} (one process per GPU)")
+    _check_slurm(config.launch)
     check_batch(config, config.world_size)
     _check_model(config.model)
+    _check_finetune(config)
+
+
+def _check_slurm(launch: LaunchConfig) -> None:
+    """The Slurm section must make a job sbatch accepts and that can checkpoint before its time limit."""
+    s = launch.slurm
+    for key, value in [("launch.slurm.time_min", s.time_min), ("launch.slurm.cpus_per_task", s.cpus_per_task)] + \
+            ([("launch.tasks_per_node", launch.tasks_per_node)] if launch.tasks_per_node is not None else []) + \
+            ([("launch.slurm.mem_gb", s.mem_gb)] if s.mem_gb is not None else []):
+        _positive(key, value)
+    _positive("launch.slurm.signal_delay_s", s.signal_delay_s, allow_zero=True)
+    _positive("launch.slurm.max_requeues", s.max_requeues, allow_zero=True)
+    if s.signal_delay_s >= s.time_min * 60:
+        raise ConfigError(f"launch.slurm.signal_delay_s={s.signal_delay_s} must be below the time limit "
+                          f"launch.slurm.time_min={s.time_min} ({s.time_min * 60} s): the warning comes that long "
+                          "before the limit, and a step plus a checkpoint must fit in it")
+    from launch.slurm import check_extra_sbatch
+
+    try:
+        check_extra_sbatch(s.extra_sbatch)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_finetune(config: Config) -> None:
+    from .adapt import INTERP_METHODS, REL_POS_METHODS
+
+    f = config.finetune
+    _one_of("finetune.pos_embed_method", f.pos_embed_method, INTERP_METHODS)
+    if f.rel_pos_method is not None:
+        _one_of("finetune.rel_pos_method", f.rel_pos_method, REL_POS_METHODS)
+    _one_of("finetune.reinit_head", f.reinit_head, ("auto", "always", "never"))
+    if f.antialias and f.pos_embed_method not in ("bicubic", "bilinear"):
+        raise ConfigError(f"finetune.antialias=true needs finetune.pos_embed_method bicubic or bilinear, "
+                          f"not {f.pos_embed_method!r}")
+    decay = config.optim.ema_decay
+    if decay is not None:
+        if not 0 < decay < 1:
+            raise ConfigError(f"optim.ema_decay={decay} must be in (0, 1), e.g. 0.999; unset disables EMA")
+        if config.deepspeed.zero_stage == 3:
+            raise ConfigError("optim.ema_decay needs every rank to hold the whole model; ZeRO-3 partitions it. "
+                              "Use deepspeed.zero_stage 0, 1 or 2 with EMA, or unset optim.ema_decay")
 
 
 def check_batch(config: Config, world_size: int) -> None:

@@ -234,11 +234,23 @@ class ShardStream(IterableDataset):
 
 def make_loader(spec: StreamSpec, transform, *, prefetch_factor: int = 4, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over the stream; batch_size=None because the workers batch."""
-    kwargs = dict(prefetch_factor=prefetch_factor) if spec.workers > 0 else {}
+    kwargs = dict(prefetch_factor=prefetch_factor, worker_init_fn=_quiet_stop_signals) if spec.workers > 0 else {}
     # Its own generator: otherwise creating the loader draws from the global torch RNG, and a resumed run
     # (which creates it at a different point) would continue with different dropout/mixup randomness.
     return DataLoader(ShardStream(spec, transform), batch_size=None, num_workers=spec.workers,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(spec.seed), **kwargs)
+
+
+def _quiet_stop_signals(_worker_id: int) -> None:
+    """Slurm signals every process of a task. A loader worker killed by SIGTERM (torch's default) makes
+    torch raise in the rank's main process, from its SIGCHLD handler, wherever it is: in the middle of the
+    checkpoint the same signal asked for. So a worker exits quietly (status 0, which torch does not treat
+    as a failure) on SIGTERM, also what it gets when its loader shuts down, and ignores USR2; the main
+    process decides when to stop."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,18 +293,40 @@ def plan_data(config, world_size: int) -> DataPlan:
 
 
 def build_transforms(config, img_size: int, training: bool):
-    """timm's own train/eval transforms from the augment section."""
+    """timm's own train/eval transforms from the augment section, in timm's "prefetcher" form: they end in
+    uint8 CHW tensors, and normalisation (and random erasing) happen on the device (DeviceNormalize).
+    Measured reason (docs/performance.md): less CPU per image in the workers and 4x fewer bytes between
+    worker and trainer than float32 tensors."""
     from timm.data import create_transform
 
     a = config.augment
     kwargs = dict(input_size=img_size, is_training=training, interpolation=a.interpolation,
-                  crop_pct=a.crop_pct)
-    if a.mean is not None:
-        kwargs.update(mean=tuple(a.mean), std=tuple(a.std or (0.229, 0.224, 0.225)))
+                  crop_pct=a.crop_pct, use_prefetcher=True)
     if training:
         kwargs.update(scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip, vflip=a.vflip,
-                      color_jitter=a.color_jitter, auto_augment=a.auto_augment, re_prob=a.re_prob)
+                      color_jitter=a.color_jitter, auto_augment=a.auto_augment)
     return create_transform(**kwargs)
+
+
+class DeviceNormalize:
+    """uint8 batch on the device -> normalised float batch (+ timm's RandomErasing when training)."""
+
+    def __init__(self, config, dev: torch.device):
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        from timm.data.random_erasing import RandomErasing
+
+        a = config.augment
+        mean = tuple(a.mean) if a.mean is not None else IMAGENET_DEFAULT_MEAN
+        std = tuple(a.std) if a.std is not None else IMAGENET_DEFAULT_STD
+        self.mean = torch.tensor([255 * m for m in mean], device=dev).view(1, -1, 1, 1)
+        self.std = torch.tensor([255 * s for s in std], device=dev).view(1, -1, 1, 1)
+        self.erasing = RandomErasing(a.re_prob, mode="pixel", device=str(dev)) if a.re_prob > 0 else None
+
+    def __call__(self, images: torch.Tensor, training: bool) -> torch.Tensor:
+        images = (images.float() - self.mean) / self.std
+        if training and self.erasing is not None:
+            images = self.erasing(images)
+        return images
 
 
 class RankData:

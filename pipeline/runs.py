@@ -14,8 +14,9 @@ from .config import Config, ConfigError, to_dict, to_yaml
 from .train import SUMMARY_FILE
 
 # Keys that may differ when a run is continued: they do not change what is computed.
-RESUMABLE_DIFFERENCES = ("run.name", "run.stop_at_step", "launch.wait", "launch.cluster", "tracking.tracking_uri",
-                         "tracking.log_every_steps", "checkpoint.keep_last")
+RESUMABLE_DIFFERENCES = ("run.name", "run.stop_at_step", "launch.wait", "launch.cluster", "checkpoint.keep_last",
+                         "launch.slurm",  # partition, time limit, profile...: where it runs, not what
+                         "tracking.")  # tracking never changes what is computed (parent run, server, intervals...)
 
 
 def is_complete(run_dir: Path) -> bool:

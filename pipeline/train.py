@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -25,10 +26,12 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import Config, flatten, to_dict
-from .data import RankData, plan_data
+from .data import DeviceNormalize, RankData, plan_data
+from .ema import create_ema, ema_state, load_ema_state
 from .engine import compute_dtype, create_engine, device, init_distributed
 from .models import count_parameters, create_model, input_size
 from .progress import Progress
+from .telemetry import StepTelemetry
 from .tracking import Tracker, host_tags
 
 log = logging.getLogger("pipeline")
@@ -41,32 +44,96 @@ EXIT_REQUEUE = 3  # the run stopped early on request, with a checkpoint to resum
 # Stop requests (signals) -> a checkpoint at the next step boundary, agreed by all ranks
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
 class StopFlag:
-    """Set by a signal handler; ranks agree on it with one tiny all-reduce per step."""
+    """Set by a signal handler; ranks agree on it with one tiny all-reduce per step.
+
+    A Python handler a launcher installed before (the Slurm task's) is chained, not replaced: it is
+    called after the flag is set, and also for a signal only another rank received (forwarded by the
+    agreement), so that the launcher knows why the run stopped (USR2: requeue it)."""
 
     def __init__(self):
         self.reason: Optional[str] = None
+        self._group = None
+        self.signals: set[int] = set()
+        self._chained: dict[int, object] = {}
 
-    def install(self, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)) -> None:
+    def install(self, signals=STOP_SIGNALS) -> None:
         for sig in signals:
-            if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler, None):
+            current = signal.getsignal(sig)
+            if current in (signal.SIG_DFL, signal.default_int_handler, None):
+                signal.signal(sig, self._handle)
+            elif callable(current) and current != self._handle:
+                self._chained[sig] = current
                 signal.signal(sig, self._handle)
 
-    def _handle(self, signum, _frame) -> None:
+    def _handle(self, signum, frame) -> None:
         if self.reason is not None and signum == signal.SIGINT:  # a second Ctrl-C: really stop now
             raise KeyboardInterrupt
         self.reason = signal.Signals(signum).name
+        self.signals.add(signum)
+        if signum in self._chained:
+            self._chained[signum](signum, frame)
 
     def request(self, reason: str) -> None:
         self.reason = reason
 
-    def agreed(self, dev: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.reason else 0.0], device=dev)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self) -> bool:
+        """Collective. On a CPU gloo group, so on GPUs the check costs no device sync in the hot loop."""
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        flags = torch.tensor([1 if self.reason else 0] + [int(s in self.signals) for s in STOP_SIGNALS],
+                             dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        for sig, seen in zip(STOP_SIGNALS, flags[1:].tolist()):
+            if seen and sig not in self.signals:  # another rank got it: tell this rank's launcher too
+                self.signals.add(sig)
+                self.reason = self.reason or f"{signal.Signals(sig).name} on another rank"
+                if sig in self._chained:
+                    self._chained[sig](sig, None)
+        return bool(flags[0].item())
 
 
 STOP = StopFlag()
+
+
+@dataclass
+class Fault:
+    """TEST HOOK, off unless VITPIPE_FAULT is set: "rank=R,step=S[,action=raise|exit|hang]" makes rank R,
+    on reaching step S by training, raise an error (default), die without a traceback (exit, like a
+    crash or an OOM kill), or hold until a stop signal arrives (hang: a step that outlasts a time limit).
+    The tests use it to check how failures and signals are handled on a real cluster."""
+
+    rank: int
+    step: int
+    action: str = "raise"
+
+    @classmethod
+    def from_environ(cls, rank: int) -> Optional["Fault"]:
+        spec = os.environ.get("VITPIPE_FAULT", "").strip()
+        if not spec:
+            return None
+        try:
+            fields = dict(item.split("=", 1) for item in spec.split(","))
+            fault = cls(int(fields.pop("rank")), int(fields.pop("step")), fields.pop("action", "raise"))
+            if fields or fault.action not in ("raise", "exit", "hang"):
+                raise ValueError
+        except (KeyError, ValueError):
+            raise ValueError(f"VITPIPE_FAULT={spec!r}: expected 'rank=R,step=S[,action=raise|exit|hang]' "
+                             "(a test hook; unset it for real runs)") from None
+        return fault if fault.rank == rank else None
+
+    def trigger(self) -> None:
+        log.warning("VITPIPE_FAULT: rank %d at step %d: %s (test hook)", self.rank, self.step, self.action)
+        if self.action == "exit":
+            os._exit(17)
+        if self.action == "hang":
+            while STOP.reason is None:  # a signal handler sets it
+                time.sleep(0.1)
+            return
+        raise RuntimeError(f"VITPIPE_FAULT: injected failure on rank {self.rank} at step {self.step}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,6 +148,7 @@ class Loop:
     steps_per_epoch: int
     accum: int
     history: list = field(default_factory=list)  # (step, loss) at log steps, for summary.json
+    ema: Optional[object] = None  # timm ModelEmaV3 when optim.ema_decay is set (pipeline/ema.py)
 
     @property
     def epoch(self) -> int:
@@ -110,8 +178,8 @@ def _all_sum(values: list[float], dev: torch.device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(engine, data: RankData, dev: torch.device, dtype: torch.dtype, img_size: int,
-             num_classes: int) -> dict[str, float]:
+def evaluate(engine, data: RankData, normalize: DeviceNormalize, dev: torch.device, dtype: torch.dtype,
+             img_size: int, num_classes: int) -> dict[str, float]:
     """Top-1/top-5 over this rank's val shards, summed over ranks. Ranks may hold different numbers
     of val batches; they agree per batch whether anyone still has one, and a rank without one runs a
     dummy forward so ZeRO-3's parameter gathers stay matched."""
@@ -133,7 +201,7 @@ def evaluate(engine, data: RankData, dev: torch.device, dtype: torch.dtype, img_
             continue
         images, labels, dropped, _ = batch
         skipped += dropped
-        logits = engine(images.to(dev, dtype)).float()
+        logits = engine(normalize(images.to(dev), training=False).to(dtype)).float()
         top = logits.topk(k5, dim=1).indices.cpu()
         hits = top == labels.view(-1, 1)
         correct1 += hits[:, 0].sum().item()
@@ -147,11 +215,23 @@ def evaluate(engine, data: RankData, dev: torch.device, dtype: torch.dtype, img_
     return {"val_top1": 100.0 * c1 / n, f"val_top{k5}": 100.0 * c5 / n, "val_samples": n, "val_skipped": s}
 
 
+def evaluate_with_ema(engine, ema, data: RankData, normalize: DeviceNormalize, dev: torch.device,
+                      dtype: torch.dtype, img_size: int, num_classes: int) -> dict[str, float]:
+    """evaluate() of the model and, when optim.ema_decay is set, of its EMA weights (fp32) as val_top*_ema."""
+    result = evaluate(engine, data, normalize, dev, dtype, img_size, num_classes)
+    if ema is not None:
+        ema_result = evaluate(ema.module, data, normalize, dev, torch.float32, img_size, num_classes)
+        result.update({f"{k}_ema": v for k, v in ema_result.items() if k.startswith("val_top")})
+    return result
+
+
 def _save(engine, run_dir: Path, loop: Loop, env, config: Config, tracker: Tracker, progress: Progress,
           reason: str) -> None:
     client_state = {"step": loop.step, "epoch": loop.epoch, "step_in_epoch": loop.step % loop.steps_per_epoch,
                     "steps_per_epoch": loop.steps_per_epoch, "world_size": env.world_size, "reason": reason,
                     "history": loop.history}
+    if loop.ema is not None:
+        client_state["ema"] = ema_state(loop.ema)
     result = ckpt.save(engine, run_dir / "checkpoints", loop.step, client_state, rank=env.rank,
                        keep_last=config.checkpoint.keep_last)
     if env.rank == 0:
@@ -159,6 +239,8 @@ def _save(engine, run_dir: Path, loop: Loop, env, config: Config, tracker: Track
                        f"{result.bytes / 2**20:.1f} MiB")
         tracker.log_metrics({"checkpoint_seconds": result.seconds, "checkpoint_mib": result.bytes / 2**20},
                             loop.step)
+        tracker.set_tags({"checkpoint.last_path": result.path, "checkpoint.last_step": loop.step,
+                          "checkpoint.last_reason": reason})
 
 
 def train(config: Config, run_dir: Path) -> int:
@@ -167,6 +249,7 @@ def train(config: Config, run_dir: Path) -> int:
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{env.rank}] %(message)s", datefmt="%H:%M:%S", force=True)
     STOP.install()
+    fault = Fault.from_environ(env.rank)
     dev = device()
     dtype = compute_dtype(config)
     seed_everything(config.run.seed + env.rank)  # timm's Mixup draws from numpy, drop-path from torch
@@ -178,13 +261,16 @@ def train(config: Config, run_dir: Path) -> int:
         from .finetune import load_pretrained  # the adaptation step (position embeddings etc.)
 
         load_pretrained(model, config, run_dir, is_main=env.rank == 0)
+    ema = create_ema(model, config, dev)
     img_size = input_size(model)
+    telemetry = StepTelemetry(config, env.rank, env.local_rank, env.world_size, model, img_size, dev)  # FLOPs, peaks
     total_steps = max(1, round(config.optim.epochs * plan.steps_per_epoch))
     warmup_steps = round(config.optim.warmup_epochs * plan.steps_per_epoch)
     engine, _, schedule = create_engine(model, config, env.world_size, total_steps, warmup_steps)
     data = RankData(config, plan, env.rank, env.world_size, img_size, pin_memory=dev.type == "cuda")
     criterion, mixup = _criteria(config, num_classes)
-    loop = Loop(0, total_steps, plan.steps_per_epoch, config.optim.grad_accum_steps)
+    normalize = DeviceNormalize(config, dev)
+    loop = Loop(0, total_steps, plan.steps_per_epoch, config.optim.grad_accum_steps, ema=ema)
 
     tag = ckpt.latest_complete(run_dir / "checkpoints")
     resumed_from = None
@@ -194,17 +280,23 @@ def train(config: Config, run_dir: Path) -> int:
             raise RuntimeError(f"checkpoint {tag} was made with {state['steps_per_epoch']} steps per epoch, "
                                f"this run has {plan.steps_per_epoch}: data or batch size changed")
         loop.step, loop.history, resumed_from = int(state["step"]), list(state.get("history", [])), tag
+        load_ema_state(loop.ema, state.get("ema"))
 
     hosts = [None] * env.world_size
-    dist.all_gather_object(hosts, socket.gethostname())
-    tracker = Tracker(config, run_dir, enabled=env.rank == 0)
+    dist.all_gather_object(hosts, os.environ.get("SLURMD_NODENAME") or socket.gethostname())  # Slurm's node name
+    tracker = Tracker(config, run_dir, enabled=env.rank == 0, img_size=img_size)
     if env.rank == 0:
         if resumed_from is None:
             tracker.log_params(flatten(to_dict(config)))
             tracker.log_artifact(run_dir / "config.yaml")
+            if config.run.stage == "finetune":
+                from .finetune import log_lineage
+
+                log_lineage(tracker, run_dir)
         restarts = _bump_restarts(run_dir) if resumed_from else 0
         tracker.set_tags({**host_tags(env.world_size, hosts), "restarts": restarts,
-                          "parameters": count_parameters(model), "steps_total": total_steps})
+                          "parameters": count_parameters(model), "steps_total": total_steps, **telemetry.tags()})
+        tracker.log_metrics({"restarts": restarts}, loop.step)
         log.info("%s %s: %s params, %d ranks on %s, %d steps (%d/epoch, global batch %d, micro %d), %s",
                  config.run.stage, config.model.name, f"{count_parameters(model):,}", env.world_size,
                  ",".join(sorted(set(hosts))), total_steps, plan.steps_per_epoch, config.data.batch_size,
@@ -230,7 +322,7 @@ def train(config: Config, run_dir: Path) -> int:
                 window_wait += time.perf_counter() - wait_start
                 window_skipped += dropped
                 last_error = error or last_error
-                images = images.to(dev, non_blocking=True)
+                images = normalize(images.to(dev, non_blocking=True), training=True)
                 labels = labels.to(dev, non_blocking=True)
                 if mixup is not None:
                     images, labels = mixup(images, labels)
@@ -240,6 +332,8 @@ def train(config: Config, run_dir: Path) -> int:
                 window_loss += loss.detach() / loop.accum
             loop.step += 1
             window_steps += 1
+            if loop.ema is not None:
+                loop.ema.update(engine.module, step=loop.step)
 
             if loop.step % config.tracking.log_every_steps == 0 or loop.step == total_steps:
                 loss_sum, skipped_sum = _all_sum([window_loss.item(), window_skipped], dev)
@@ -250,6 +344,9 @@ def train(config: Config, run_dir: Path) -> int:
                            "images_per_s": window_steps * config.data.batch_size / elapsed,
                            "data_wait_fraction": window_wait / elapsed,
                            "epoch": loop.step / plan.steps_per_epoch, "skipped_samples": skipped_sum}
+                metrics.update(telemetry.at_log_step(  # collective: per-GPU rates, MFU, each node's system load
+                    metrics["images_per_s"], window_steps * config.data.batch_size / env.world_size / elapsed,
+                    window_wait / elapsed))
                 if env.rank == 0:
                     loop.history.append((loop.step, metrics["train_loss"]))
                     tracker.log_metrics(metrics, loop.step)
@@ -262,10 +359,12 @@ def train(config: Config, run_dir: Path) -> int:
                 window_start, window_wait = time.perf_counter(), 0.0
 
             if config.eval.every_steps and loop.step % config.eval.every_steps == 0 and loop.step < total_steps:
-                _log_eval(evaluate(engine, data, dev, dtype, img_size, num_classes), loop, tracker, progress, env)
+                _log_eval(evaluate_with_ema(engine, loop.ema, data, normalize, dev, dtype, img_size, num_classes), loop, tracker, progress, env)
+            if fault is not None and loop.step == fault.step:
+                fault.trigger()
             if config.run.stop_at_step and loop.step >= config.run.stop_at_step and loop.step < total_steps:
                 STOP.request(f"run.stop_at_step={config.run.stop_at_step}")
-            if STOP.agreed(dev):
+            if STOP.agreed():
                 stopped = STOP.reason or "stop requested on another rank"
                 break
             if config.checkpoint.every_steps and loop.step % config.checkpoint.every_steps == 0 \
@@ -282,14 +381,19 @@ def train(config: Config, run_dir: Path) -> int:
             log.info("stopped at step %d/%d (%s); the run resumes from here when started again",
                      loop.step, total_steps, stopped)
         dist.barrier()
+        tracker.close()  # bounded wait for the tracking backlog (rank 0), after the other ranks are done
         return EXIT_REQUEUE
 
-    final = evaluate(engine, data, dev, dtype, img_size, num_classes)
+    final = evaluate_with_ema(engine, loop.ema, data, normalize, dev, dtype, img_size, num_classes)
     _log_eval(final, loop, tracker, progress, env)
     if ckpt.latest_complete(run_dir / "checkpoints") != ckpt.tag_for(loop.step):
         _save(engine, run_dir, loop, env, config, tracker, progress, "end")
     progress.close()
     if env.rank == 0:
+        if config.run.stage == "finetune":  # final weights + config as the run's model, registered in MLflow
+            from .finetune import export_model
+
+            export_model(config, run_dir, ckpt.tag_for(loop.step), loop.ema, tracker, final)
         summary = {"step": loop.step, "epochs": config.optim.epochs, "world_size": env.world_size,
                    "final": final, "loss_history": loop.history,
                    "checkpoint": str(run_dir / "checkpoints" / ckpt.tag_for(loop.step))}
@@ -298,6 +402,7 @@ def train(config: Config, run_dir: Path) -> int:
         tracker.finish("FINISHED")
         log.info("done: step %d, %s", loop.step, ", ".join(f"{k} {v:.2f}" for k, v in final.items()))
     dist.barrier()
+    tracker.close()  # bounded wait for the tracking backlog (rank 0), after the other ranks are done
     return 0
 
 

@@ -148,7 +148,7 @@ def test_rank_data_uses_timm_transforms_and_the_manifest(tmp_path):
     assert plan.steps_per_epoch == 1497 // 16
     data = RankData(config, plan, rank=0, world=1, img_size=32, pin_memory=False)
     images, labels, skipped, _ = next(iter(data.train_batches(epoch=0)))
-    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32 and skipped == 0
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.uint8 and skipped == 0  # normalised on device
     assert labels.min() >= 0 and labels.max() <= 9
     val = list(data.val_batches())
     assert sum(b[0].shape[0] for b in val) == 300
@@ -157,3 +157,17 @@ def test_rank_data_uses_timm_transforms_and_the_manifest(tmp_path):
 def test_stream_spec_pickles_into_workers(tmp_path):
     shards = make_shards(tmp_path, [4, 4])
     assert isinstance(ShardStream(spec(shards), identity).spec.shards, tuple)
+
+
+def test_resampled_mode_serves_any_number_of_ranks_from_one_shard(tmp_path):
+    shards = make_shards(tmp_path, [10])
+    config = load_config(None, [f"data.train_shards={shards[0]}", "data.val_shards=null", "data.resampled=true",
+                                "data.samples_per_epoch=40", "data.batch_size=8", "launch.nproc=4"])
+    plan = plan_data(config, 4)
+    assert plan.steps_per_epoch == 5
+    per_rank = []
+    for rank in range(4):
+        loader = make_loader(spec(shards, rank=rank, world=4, workers=2, resampled=True), identity)
+        per_rank.append(sample_ids(itertools.islice(iter(loader), 5)))
+    assert all(len(ids) == 20 and set(ids) <= set(range(10)) for ids in per_rank)
+    assert len({tuple(ids) for ids in per_rank}) == 4, "ranks draw independently"

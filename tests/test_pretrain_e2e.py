@@ -88,7 +88,7 @@ def test_mlflow_store_holds_one_run_per_pipeline_run_with_params_and_metrics(run
     found = client.search_runs([experiment.experiment_id])
     by_name = {}
     for run in found:
-        by_name.setdefault(run.info.run_name, []).append(run)
+        by_name.setdefault(Path(run.data.tags["run_dir"]).name, []).append(run)  # run names are for people
     assert sorted(by_name) == ["full", "resumed"] and len(by_name["resumed"]) == 1, "a resume continues its run"
     run = by_name["resumed"][0]
     assert run.info.status == "FINISHED"

@@ -1,0 +1,34 @@
+"""`make bench` runs end to end on small settings and writes its table (no speed is asserted here:
+figures live in docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_writes_json_and_markdown_with_baselines(digits_shards, tmp_path):
+    result = run_cli("bench", "--config", str(ROOT / "configs/bench/cpu_vit_tiny.yaml"), "--out", str(tmp_path),
+                     "--loader-images", "64", "--steps", "1", "--warmup", "0",
+                     f"data.train_shards={digits_shards}/train-{{000000..000003}}.tar", "model.img_size=32",
+                     "model.patch_size=8", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+                     "data.batch_size=16", f"run.root={tmp_path}", cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [path] = tmp_path.glob("bench-*.json")
+    data = json.loads(path.read_text())
+    for key in ("bare_uint8_1core", "pipeline", "timm_wds", "pipeline_vs_timm", "streaming_overhead"):
+        assert data["loader"][key] > 0 or key == "streaming_overhead", key
+    for name in ("deepspeed", "plain"):
+        assert data["step"][name]["images_per_s"] > 0 and data["step"][name]["mfu"] > 0
+    assert data["machine"]["cores"] >= 1 and data["step"]["gflops_per_image_fwd_bwd"] > 0
+    assert "| this pipeline" in path.with_suffix(".md").read_text()
+
+
+def test_bench_rejects_bad_config(tmp_path):
+    result = run_cli("bench", "--out", str(tmp_path), "deepspeed.zero_stage=9", cwd=ROOT)
+    assert result.returncode == 2 and "deepspeed.zero_stage" in result.stderr
