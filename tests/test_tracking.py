@@ -409,7 +409,7 @@ def chromium():
 
 
 @pytest.mark.slow
-def test_mlflow_ui_shows_the_experiment_its_runs_and_metric_charts(chromium, outage_run, tmp_path):
+def test_mlflow_ui_shows_the_experiment_runs_charts_and_artifacts(chromium, outage_run, tmp_path):
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import expect, sync_playwright
 
@@ -445,6 +445,12 @@ def test_mlflow_ui_shows_the_experiment_its_runs_and_metric_charts(chromium, out
             expect(card).not_to_contain_text("mfu_percent")
             expect(page.get_by_text(f"system/{node_name()}/cpu_percent").first).to_be_visible()  # per-node section
             page.screenshot(path=str(shot))
+
+            run_id = (outage_run["run_dir"] / RUN_ID_FILE).read_text()  # artifacts are served and previewed
+            page.goto(f"{srv.uri}/#/experiments/{experiment_id}/runs/{run_id}/artifacts?workflowType=machine_learning")
+            expect(page.get_by_text("summary.json").first).to_be_visible()
+            page.get_by_text("config.yaml").first.click()
+            expect(page.get_by_text("log_every_steps").first).to_be_visible()
         finally:
             browser.close()
     print(f"MLflow UI screenshot: {shot}")
