@@ -39,12 +39,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
-from .local import RESUMABLE_EXIT  # an entry point stopped on request, with a checkpoint
+from .local import RESUMABLE_EXIT, tail  # RESUMABLE_EXIT: stopped on request, with a checkpoint
 
 STATUS_FILE = "status.json"
 WORKER_ENTRY = "pipeline.worker:run"  # the pipeline's rank entry point, named, never imported here
@@ -408,14 +407,6 @@ class _Follow:
                 self.out.write(data[:end].decode(errors="replace"))
                 self.out.flush()
                 self.offsets[path] = offset + end
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(deque(f, maxlen=lines))
-    except OSError:
-        return ""
 
 
 def wait(job, *, out: Optional[TextIO] = sys.stderr, poll_s: float = 1.0, state_every_s: float = 5.0) -> Outcome:

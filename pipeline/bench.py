@@ -206,6 +206,12 @@ def _synthetic(batch: int, img_size: int, num_classes: int, dev: torch.device, d
     return images, labels
 
 
+def _step_row(config, steps: int, fwd_bwd: float, opt: float) -> dict:
+    total = fwd_bwd + opt
+    return {"images_per_s": steps * config.data.batch_size / total, "step_ms": 1e3 * total / steps,
+            "fwd_bwd_ms": 1e3 * fwd_bwd / steps, "optimizer_ms": 1e3 * opt / steps}
+
+
 def bench_deepspeed_step(config, model, steps: int, warmup: int) -> dict:
     from .engine import compute_dtype, create_engine, device
 
@@ -218,10 +224,10 @@ def bench_deepspeed_step(config, model, steps: int, warmup: int) -> dict:
     for i in range(warmup + steps):
         _sync(dev)
         t0 = time.perf_counter()
-        for _ in range(config.optim.grad_accum_steps):
+        for micro in range(config.optim.grad_accum_steps):
             loss = criterion(engine(images).float(), labels)
             engine.backward(loss)
-            if _ < config.optim.grad_accum_steps - 1:
+            if micro < config.optim.grad_accum_steps - 1:  # the boundary step is timed as "optimizer"
                 engine.step()
         _sync(dev)
         t1 = time.perf_counter()
@@ -231,9 +237,7 @@ def bench_deepspeed_step(config, model, steps: int, warmup: int) -> dict:
         if i >= warmup:
             fwd_bwd += t1 - t0
             opt += t2 - t1
-    total = fwd_bwd + opt
-    return {"images_per_s": steps * config.data.batch_size / total, "step_ms": 1e3 * total / steps,
-            "fwd_bwd_ms": 1e3 * fwd_bwd / steps, "optimizer_ms": 1e3 * opt / steps}
+    return _step_row(config, steps, fwd_bwd, opt)
 
 
 def bench_plain_step(config, model, steps: int, warmup: int) -> dict:
@@ -266,9 +270,7 @@ def bench_plain_step(config, model, steps: int, warmup: int) -> dict:
         if i >= warmup:
             fwd_bwd += t1 - t0
             opt += t2 - t1
-    total = fwd_bwd + opt
-    return {"images_per_s": steps * config.data.batch_size / total, "step_ms": 1e3 * total / steps,
-            "fwd_bwd_ms": 1e3 * fwd_bwd / steps, "optimizer_ms": 1e3 * opt / steps}
+    return _step_row(config, steps, fwd_bwd, opt)
 
 
 def bench_data_wait(config, plan, model, steps: int) -> dict:

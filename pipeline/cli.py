@@ -74,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come before and after options (argparse alone stops collecting them at an option)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.command == "ui":
         return run_ui(args.host, args.port, Path(args.root), args.workers, args.allowed_hosts)
     if args.command == "tracking-sync":

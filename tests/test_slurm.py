@@ -107,9 +107,14 @@ def test_a_broken_slurm_config_is_refused_before_anything_is_submitted(tmp_path,
     assert not (tmp_path / "x").exists()
 
 
-def test_auto_runs_locally_where_there_is_no_sbatch(tmp_path):
+def shard_overrides(shards: Path) -> list[str]:
+    """The tests' own shards: a fresh clone has no data/digits until `make shards` runs."""
+    return [f"data.train_shards={shards}/train-{{000000..000003}}.tar", f"data.val_shards={shards}/val-000000.tar"]
+
+
+def test_auto_runs_locally_where_there_is_no_sbatch(tmp_path, digits_shards):
     bin_dir = Path(sys.executable).parent  # python only; no Slurm client on this PATH
-    result = run_cli("pretrain", "launch.cluster=auto", "--print-config", cwd=ROOT,
+    result = run_cli("pretrain", "launch.cluster=auto", "--print-config", *shard_overrides(digits_shards), cwd=ROOT,
                      env={"PATH": str(bin_dir)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cluster: local" in result.stdout
@@ -364,8 +369,9 @@ def test_a_failing_rank_fails_the_job_with_its_traceback(jobs):
 
 
 @pytest.mark.slurm
-def test_a_job_sbatch_refuses_is_one_error_line(slurm_cluster, tmp_path):
+def test_a_job_sbatch_refuses_is_one_error_line(slurm_cluster, tmp_path, digits_shards):
     result = run_cli("pretrain", "launch.cluster=slurm", f"launch.slurm_profile={PROFILE}", "launch.slurm.cpus_per_task=1",
+                     *shard_overrides(digits_shards),
                      "launch.slurm.partition=nosuchpartition", f"run.root={tmp_path}", "run.name=x", cwd=ROOT)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "nosuchpartition" in line or "error" in line]
