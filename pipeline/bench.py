@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import tarfile
 import time
@@ -78,8 +79,15 @@ def _sync(dev: torch.device) -> None:
 # Bench data: JPEG shards of real photos at ImageNet-like sizes
 
 
-def write_jpeg_bench_shards(out: Path, count: int = 1536, per_shard: int = 192, seed: int = 0) -> Path:
-    """Random crops (256-500 px sides) of the real photos scikit-learn ships, as JPEG shards with a manifest."""
+# Bench data sets, written on first use into data/<name>/: (images, per shard, (min side, max side) in px).
+# "bench_jpeg": ImageNet-like sizes. "bench_jpeg_large": web-photo sizes, where reduced-size decoding matters;
+# they are the same photos scaled up (smoother than real large photos, so decoding them is a bit cheaper).
+BENCH_SETS = {"bench_jpeg": (1536, 192, (256, 500)), "bench_jpeg_large": (256, 128, (1200, 2000))}
+
+
+def write_jpeg_bench_shards(out: Path, count: int = 1536, per_shard: int = 192, sides: tuple[int, int] = (256, 500),
+                            seed: int = 0) -> Path:
+    """Random crops of the real photos scikit-learn ships, as JPEG shards with a manifest."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
@@ -93,7 +101,7 @@ def write_jpeg_bench_shards(out: Path, count: int = 1536, per_shard: int = 192, 
     def samples():
         for i in range(count):
             photo = photos[i % len(photos)]
-            w, h = rng.randint(256, 500), rng.randint(256, 500)
+            w, h = rng.randint(*sides), rng.randint(*sides)
             scale = max(w / photo.width, h / photo.height, 1.0)
             src = photo.resize((round(photo.width * scale), round(photo.height * scale))) if scale > 1 else photo
             x, y = rng.randint(0, src.width - w), rng.randint(0, src.height - h)
@@ -132,18 +140,23 @@ def _raw_samples(shards: list[str]):
                     yield sample
 
 
-def bench_bare(shards: list[str], transform, images: int) -> float:
-    """One thread, like one loader worker (DataLoader workers run torch single-threaded too)."""
-    from .data import decode_sample
+def bench_bare(shards: list[str], transform, images: int, batch_size: int = 32) -> float:
+    """Decode + transform + batch in a plain loop over the tar files, on one thread like one loader worker
+    (DataLoader workers run torch single-threaded too): what the loader would cost with no streaming."""
+    from .data import BatchBuilder, decode_sample
 
+    lazy = getattr(transform, "lazy_decode", False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        batch = BatchBuilder(batch_size, shared=False)
         count, start = -8, 0.0  # the first 8 images warm up (file cache, lazy imports)
         while count < images:
             for sample in _raw_samples(shards):
-                image, _ = decode_sample(sample)
-                transform(image)
+                image, label = decode_sample(sample, lazy=lazy)
+                batch.add(transform(image), label)
+                if len(batch) == batch_size:
+                    batch.take()
                 count += 1
                 if count == 0:
                     start = time.perf_counter()
@@ -154,12 +167,18 @@ def bench_bare(shards: list[str], transform, images: int) -> float:
         torch.set_num_threads(threads)
 
 
-def _time_loader(loader, images: int, batch: int) -> float:
+def _time_loader(loader, images: int) -> float:
+    """Images/s over ``images`` images after the first batch (worker start-up is not throughput); a loader
+    that ends first (timm's reader: one pass) is started again, its start-up then counted."""
     it = iter(loader)
-    next(it)  # worker start-up is not throughput
+    next(it)
     count, start = 0, time.perf_counter()
     while count < images:
-        out = next(it)
+        try:
+            out = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
         count += len(out[1])
     rate = count / (time.perf_counter() - start)
     del it
@@ -170,7 +189,7 @@ def bench_pipeline_loader(config, plan, images: int) -> float:
     from .data import RankData
 
     data = RankData(config, plan, 0, 1, config.model.img_size or 224, pin_memory=False)
-    return _time_loader(data.train_batches(epoch=0), images, data.micro_batch)
+    return _time_loader(data.train_batches(epoch=0), images)
 
 
 def bench_timm_wds(config, plan, transform, images: int) -> float:
@@ -182,7 +201,7 @@ def bench_timm_wds(config, plan, transform, images: int) -> float:
                              is_training=True, batch_size=config.data.batch_size, transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.data.batch_size,
                                          num_workers=max(1, config.data.num_workers))
-    return _time_loader(loader, images, config.data.batch_size)
+    return _time_loader(loader, images)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,65 +218,96 @@ def flops_per_image(model: torch.nn.Module, img_size: int) -> float:
     return 3.0 * counter.get_total_flops()
 
 
-def _synthetic(batch: int, img_size: int, num_classes: int, dev: torch.device, dtype: torch.dtype):
+def _synthetic(config, dev: torch.device, dtype: torch.dtype):
+    """One micro batch in device memory: the step alone is timed (the loader has its own rows)."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, img_size, img_size, generator=g).to(dev, dtype)
-    labels = torch.randint(0, num_classes, (batch,), generator=g).to(dev)
+    size = config.model.img_size or 224
+    images = torch.randn(config.micro_batch_size(1), 3, size, size, generator=g).to(dev, dtype)
+    if config.model.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, config.model.num_classes, (config.micro_batch_size(1),), generator=g).to(dev)
     return images, labels
 
 
-def _step_row(config, steps: int, fwd_bwd: float, opt: float) -> dict:
-    total = fwd_bwd + opt
-    return {"images_per_s": steps * config.data.batch_size / total, "step_ms": 1e3 * total / steps,
-            "fwd_bwd_ms": 1e3 * fwd_bwd / steps, "optimizer_ms": 1e3 * opt / steps}
+class StepTimer:
+    """Per-step seconds of forward+backward and of the optimizer, for one way of training."""
+
+    def __init__(self, name: str, step):
+        self.name, self.step = name, step  # step() -> (fwd_bwd_s, optimizer_s), synchronised
+        self.fwd_bwd: list[float] = []
+        self.optimizer: list[float] = []
+
+    def run(self, steps: int, record: bool = True) -> None:
+        for _ in range(steps):
+            fwd_bwd, opt = self.step()
+            if record:
+                self.fwd_bwd.append(fwd_bwd)
+                self.optimizer.append(opt)
+
+    def row(self, batch_size: int) -> dict:
+        """Medians over the recorded steps: robust to the odd step that shared the CPU with something else."""
+        fwd_bwd, opt = statistics.median(self.fwd_bwd), statistics.median(self.optimizer)
+        return {"images_per_s": batch_size / (fwd_bwd + opt), "step_ms": 1e3 * (fwd_bwd + opt),
+                "fwd_bwd_ms": 1e3 * fwd_bwd, "optimizer_ms": 1e3 * opt, "steps_measured": len(self.fwd_bwd)}
 
 
-def bench_deepspeed_step(config, model, steps: int, warmup: int) -> dict:
+def interleaved(timers: list[StepTimer], steps: int, warmup: int, rounds: int) -> None:
+    """Warm every timer up, then alternate between them in rounds, so a slow spell of the machine hits all."""
+    for timer in timers:
+        timer.run(warmup, record=False)
+    per_round = max(1, -(-steps // rounds))
+    for _ in range(rounds):
+        for timer in timers:
+            timer.run(per_round)
+
+
+def deepspeed_step(config, model):
+    """One optimizer step of the engine as training uses it (the boundary ``engine.step`` is "optimizer")."""
     from .engine import compute_dtype, create_engine, device
 
     dev, dtype = device(), compute_dtype(config)
-    micro = config.micro_batch_size(1)
     engine, _, _ = create_engine(model, config, 1, total_steps=10**6, warmup_steps=0)
-    images, labels = _synthetic(micro, config.model.img_size or 224, config.model.num_classes, dev, dtype)
+    images, labels = _synthetic(config, dev, dtype)
     criterion = torch.nn.CrossEntropyLoss()
-    fwd_bwd = opt = 0.0
-    for i in range(warmup + steps):
+    accum = config.optim.grad_accum_steps
+
+    def step() -> tuple[float, float]:
         _sync(dev)
         t0 = time.perf_counter()
-        for micro in range(config.optim.grad_accum_steps):
-            loss = criterion(engine(images).float(), labels)
-            engine.backward(loss)
-            if micro < config.optim.grad_accum_steps - 1:  # the boundary step is timed as "optimizer"
+        for micro in range(accum):
+            engine.backward(criterion(engine(images).float(), labels))
+            if micro < accum - 1:
                 engine.step()
         _sync(dev)
         t1 = time.perf_counter()
         engine.step()
         _sync(dev)
-        t2 = time.perf_counter()
-        if i >= warmup:
-            fwd_bwd += t1 - t0
-            opt += t2 - t1
-    return _step_row(config, steps, fwd_bwd, opt)
+        return t1 - t0, time.perf_counter() - t1
+
+    return step
 
 
-def bench_plain_step(config, model, steps: int, warmup: int) -> dict:
-    """The same step without DeepSpeed: torch AdamW with timm's param groups, autocast for bf16/fp16."""
-    from .engine import compute_dtype, device, param_groups
+def plain_step(config, model):
+    """The same step without DeepSpeed: torch AdamW (same groups and fused setting), autocast for bf16/fp16,
+    clipping; a timm ``train.py``-style loop."""
+    from .engine import compute_dtype, device, make_optimizer
 
     dev, dtype = device(), compute_dtype(config)
     model = model.to(dev)
-    optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.optim.lr, betas=tuple(config.optim.betas))
-    images, labels = _synthetic(config.micro_batch_size(1), config.model.img_size or 224, config.model.num_classes,
-                                dev, torch.float32)
+    if config.model.compile:
+        model.compile()
+    optimizer = make_optimizer(model, config, dev)
+    images, labels = _synthetic(config, dev, torch.float32)
     criterion = torch.nn.CrossEntropyLoss()
     autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
-    fwd_bwd = opt = 0.0
-    for i in range(warmup + steps):
+    accum = config.optim.grad_accum_steps
+
+    def step() -> tuple[float, float]:
         _sync(dev)
         t0 = time.perf_counter()
-        for _ in range(config.optim.grad_accum_steps):
+        for _ in range(accum):
             with autocast:
-                loss = criterion(model(images).float(), labels) / config.optim.grad_accum_steps
+                loss = criterion(model(images).float(), labels) / accum
             loss.backward()
         _sync(dev)
         t1 = time.perf_counter()
@@ -266,11 +316,9 @@ def bench_plain_step(config, model, steps: int, warmup: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(dev)
-        t2 = time.perf_counter()
-        if i >= warmup:
-            fwd_bwd += t1 - t0
-            opt += t2 - t1
-    return _step_row(config, steps, fwd_bwd, opt)
+        return t1 - t0, time.perf_counter() - t1
+
+    return step
 
 
 def bench_data_wait(config, plan, model, steps: int) -> dict:
@@ -302,8 +350,7 @@ def bench_data_wait(config, plan, model, steps: int) -> dict:
 
 
 def run(config, args) -> dict:
-    from .data import build_transforms, plan_data
-    from .engine import compute_dtype, device
+    from .data import plan_data
     from .models import create_model
 
     os.environ.setdefault("RANK", "0")
@@ -325,48 +372,86 @@ def run(config, args) -> dict:
           file=sys.stderr)
 
     if not args.skip_loader:
-        # The bare baseline and timm's reader get the usual float (normalising) transforms; ours ends in
-        # uint8 and normalises on the device, which is part of what is being measured.
-        from timm.data import create_transform
-
-        a = config.augment
-        float_transform = create_transform(img_size, is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio),
-                                           hflip=a.hflip, color_jitter=a.color_jitter, auto_augment=a.auto_augment,
-                                           interpolation=a.interpolation)
-        workers = max(1, config.data.num_workers)
-        loader = {"bare_float_1core": bench_bare(plan.train_shards, float_transform, args.loader_images // 2),
-                  "bare_uint8_1core": bench_bare(plan.train_shards, build_transforms(config, img_size, True),
-                                                 args.loader_images // 2),
-                  "pipeline": bench_pipeline_loader(config, plan, args.loader_images),
-                  "timm_wds": bench_timm_wds(config, plan, float_transform, args.loader_images)}
-        loader["pipeline_per_worker"] = loader["pipeline"] / workers
-        loader["timm_wds_per_worker"] = loader["timm_wds"] / workers
-        loader["pipeline_vs_timm"] = loader["pipeline"] / loader["timm_wds"]
-        loader["streaming_overhead"] = 1 - loader["pipeline_per_worker"] / loader["bare_uint8_1core"]
-        results["loader"] = loader
-
+        results["loader"] = bench_loader(config, plan, img_size, args.loader_images, args.rounds)
     if not args.skip_step:
-        dev, dtype = device(), compute_dtype(config)
-        torch.manual_seed(0)
-        model = create_model(config.model, config.model.num_classes)
-        flops = flops_per_image(model, img_size)
-        peak = measured_peak_tflops(dtype if dev.type == "cuda" else torch.float32, dev)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        ds = bench_deepspeed_step(config, model, args.steps, args.warmup)
-        plain_model = create_model(config.model, config.model.num_classes)
-        plain_model.load_state_dict(state)
-        plain = bench_plain_step(config, plain_model, args.steps, args.warmup)
-        for row in (ds, plain):
-            row["tflops"] = row["images_per_s"] * flops / 1e12
-            row["mfu"] = row["tflops"] / peak
-        results["step"] = {"deepspeed": ds, "plain": plain, "gflops_per_image_fwd_bwd": flops / 1e9,
-                           "peak_tflops_measured": peak,
-                           "engine_overhead": plain["images_per_s"] / ds["images_per_s"] - 1}
+        results["step"] = bench_step(config, img_size, args.steps, args.warmup, args.rounds)
         if not args.skip_loader:
             torch.manual_seed(0)
             results["step"]["with_loader"] = bench_data_wait(
                 config, plan, create_model(config.model, config.model.num_classes), args.steps)
     return results
+
+
+def bench_loader(config, plan, img_size: int, images: int, rounds: int) -> dict:
+    """The loader rows, each the median of ``rounds`` interleaved measurements."""
+    from timm.data import create_transform
+
+    from .data import build_transforms
+
+    # The bare float baseline and timm's reader get timm's usual (normalising) transforms; ours ends in
+    # uint8 and normalises on the device, which is part of what is being measured.
+    a = config.augment
+    float_transform = create_transform(img_size, is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio),
+                                       hflip=a.hflip, color_jitter=a.color_jitter, auto_augment=a.auto_augment,
+                                       interpolation=a.interpolation)
+    ours = build_transforms(config, img_size, True)
+    measure = {
+        "bare_float_1core": lambda: bench_bare(plan.train_shards, float_transform, images // 2),
+        "bare_uint8_1core": lambda: bench_bare(plan.train_shards, ours, images // 2, config.data.batch_size),
+        "pipeline": lambda: bench_pipeline_loader(config, plan, images),
+        "timm_wds": lambda: bench_timm_wds(config, plan, float_transform, images),
+    }
+    measured: dict[str, list[float]] = {name: [] for name in measure}
+    for _ in range(rounds):
+        for name, fn in measure.items():
+            measured[name].append(fn())
+    loader = {name: statistics.median(values) for name, values in measured.items()}
+    workers = max(1, config.data.num_workers)
+    loader["pipeline_per_worker"] = loader["pipeline"] / workers
+    loader["timm_wds_per_worker"] = loader["timm_wds"] / workers
+    loader["pipeline_vs_timm"] = loader["pipeline"] / loader["timm_wds"]
+    loader["streaming_overhead"] = 1 - loader["pipeline_per_worker"] / loader["bare_uint8_1core"]
+    loader["rounds"] = measured
+    return loader
+
+
+def bench_step(config, img_size: int, steps: int, warmup: int, rounds: int) -> dict:
+    """DeepSpeed vs the same plain loop (engine overhead) and, when speed options are on, vs a timm
+    ``train.py``-style loop (eager, unfused AdamW, contiguous memory); all from the same initial weights."""
+    import copy
+
+    from .engine import compute_dtype, device
+    from .models import create_model
+
+    dev, dtype = device(), compute_dtype(config)
+    torch.manual_seed(0)
+    model = create_model(config.model, config.model.num_classes)
+    flops = flops_per_image(model, img_size)
+    peak = measured_peak_tflops(dtype if dev.type == "cuda" else torch.float32, dev)
+    timm_style = copy.deepcopy(config)
+    timm_style.model.compile, timm_style.model.channels_last, timm_style.optim.fused = False, False, False
+    timers = [StepTimer("plain", plain_step(config, copy.deepcopy(model))),
+              StepTimer("deepspeed", deepspeed_step(config, copy.deepcopy(model)))]
+    speed_options = _speed_options(config, dev)
+    if speed_options != _speed_options(timm_style, dev):
+        timers.append(StepTimer("timm_style", plain_step(timm_style, copy.deepcopy(model))))
+    interleaved(timers, steps, warmup, rounds)
+    step: dict = {"gflops_per_image_fwd_bwd": flops / 1e9, "peak_tflops_measured": peak, "options": speed_options}
+    for timer in timers:
+        row = timer.row(config.data.batch_size)
+        row["tflops"] = row["images_per_s"] * flops / 1e12
+        row["mfu"] = row["tflops"] / peak
+        step[timer.name] = row
+    step["engine_overhead"] = step["plain"]["images_per_s"] / step["deepspeed"]["images_per_s"] - 1
+    if "timm_style" in step:
+        step["speedup_vs_timm_style"] = step["deepspeed"]["images_per_s"] / step["timm_style"]["images_per_s"]
+    return step
+
+
+def _speed_options(config, dev: torch.device) -> dict:
+    fused = config.optim.fused if config.optim.fused is not None else dev.type == "cuda"
+    return {"compile": config.model.compile, "channels_last": config.model.channels_last, "fused_adamw": fused,
+            "precision": config.deepspeed.precision}
 
 
 def to_markdown(r: dict) -> str:
@@ -386,14 +471,20 @@ def to_markdown(r: dict) -> str:
                   f"| streaming overhead vs bare uint8 loop | {100 * lo['streaming_overhead']:.1f}% |", ""]
     if "step" in r:
         s = r["step"]
-        lines += ["| training step | images/s | step ms | fwd+bwd ms | optimizer ms | TFLOP/s | MFU |",
+        labels = {"deepspeed": "deepspeed (this pipeline)", "plain": "plain PyTorch loop, same options",
+                  "timm_style": "timm train.py-style loop (eager, unfused AdamW)"}
+        lines += ["| training step (median step) | images/s | step ms | fwd+bwd ms | optimizer ms | TFLOP/s | MFU |",
                   "|---|---|---|---|---|---|---|"]
-        for name in ("deepspeed", "plain"):
-            row = s[name]
-            lines.append(f"| {name} | {row['images_per_s']:.1f} | {row['step_ms']:.1f} | {row['fwd_bwd_ms']:.1f} | "
-                         f"{row['optimizer_ms']:.1f} | {row['tflops']:.3f} | {100 * row['mfu']:.1f}% |")
-        lines += ["", f"Engine overhead vs plain loop: {100 * s['engine_overhead']:.1f}% · "
-                      f"{s['gflops_per_image_fwd_bwd']:.2f} GFLOP/image (fwd+bwd) · "
+        for name in ("deepspeed", "plain", "timm_style"):
+            if name in s:
+                row = s[name]
+                lines.append(f"| {labels[name]} | {row['images_per_s']:.1f} | {row['step_ms']:.1f} | "
+                             f"{row['fwd_bwd_ms']:.1f} | {row['optimizer_ms']:.1f} | {row['tflops']:.3f} | "
+                             f"{100 * row['mfu']:.1f}% |")
+        options = ", ".join(f"{k}={v}" for k, v in s["options"].items())
+        lines += ["", f"Options: {options} · engine overhead vs plain loop: {100 * s['engine_overhead']:.1f}%"
+                      + (f" · vs timm-style loop: {s['speedup_vs_timm_style']:.2f}x" if "timm_style" in s else "")
+                      + f" · {s['gflops_per_image_fwd_bwd']:.2f} GFLOP/image (fwd+bwd) · "
                       f"measured matmul peak {s['peak_tflops_measured']:.3f} TFLOP/s"]
         if "with_loader" in s:
             w = s["with_loader"]
@@ -409,17 +500,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-images", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="each figure is the median of this many interleaved measurements (default: %(default)s)")
     parser.add_argument("--skip-loader", action="store_true")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # key=value overrides may also follow options
+    if any(item.startswith("-") or "=" not in item for item in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*args.overrides, *extra]
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if "bench_jpeg" in config.data.train_shards:
-        write_jpeg_bench_shards(Path(config.data.train_shards).parent)
+    folder = Path(config.data.train_shards).parent
+    if folder.name in BENCH_SETS:
+        count, per_shard, sides = BENCH_SETS[folder.name]
+        write_jpeg_bench_shards(folder, count, per_shard, sides)
     from .data import DataError
 
     try:
@@ -446,6 +544,7 @@ def _log_to_mlflow(config, results: dict, path: Path) -> None:
     from .tracking import artifact_location, tracking_uri
 
     try:
+        from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=tracking_uri(config))
@@ -454,11 +553,13 @@ def _log_to_mlflow(config, results: dict, path: Path) -> None:
             "bench", artifact_location=artifact_location(config))
         run = client.create_run(experiment_id, run_name=f"bench {results['model']} {results['img_size']}px")
         flat = {f"loader_{k}": v for k, v in results.get("loader", {}).items()}
-        for name in ("deepspeed", "plain"):
-            for k, v in results.get("step", {}).get(name, {}).items():
-                flat[f"step_{name}_{k}"] = v
-        for k, v in flat.items():
-            client.log_metric(run.info.run_id, k, float(v))
+        for name, value in results.get("step", {}).items():
+            items = value.items() if isinstance(value, dict) else [("", value)]
+            flat.update({f"step_{name}_{k}".rstrip("_"): v for k, v in items})
+        numbers = {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in numbers.items()],
+                         params=[Param(k, str(v)) for k, v in {**results["machine"],
+                                 **results.get("step", {}).get("options", {})}.items()])
         client.log_artifact(run.info.run_id, str(path))
         client.set_terminated(run.info.run_id)
     except Exception as exc:  # a benchmark's numbers are already on disk

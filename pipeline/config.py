@@ -43,6 +43,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held for shuffling within each worker
     prefetch_factor: int = 4
     pin_memory: bool = True  # only used on CUDA
+    draft_decode: bool = True  # decode JPEGs at 1/2-1/8 size when the crop allows (pipeline/transforms.py)
 
 
 @dataclass
@@ -82,6 +83,10 @@ class ModelConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)  # any other timm.create_model argument
+    compile: bool = False  # torch.compile through DeepSpeed's engine.compile (first steps slower: compiling)
+    # NHWC input batches (timm train.py's --channels-last); the conv then runs NHWC. Weights stay contiguous:
+    # DeepSpeed's parameter broadcast views them as bytes, which fails for channels-last weights.
+    channels_last: bool = False
 
 
 @dataclass
@@ -97,6 +102,7 @@ class OptimConfig:
     layer_decay: Optional[float] = None  # layer-wise lr decay (fine-tuning), e.g. 0.65
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     grad_accum_steps: int = 1
+    fused: Optional[bool] = None  # torch AdamW's fused kernel; None: on CUDA only (docs/performance.md)
     ema_decay: Optional[float] = None  # EMA of the weights (timm ModelEmaV3), e.g. 0.999; evaluated as val_top1_ema
     ema_warmup: bool = True  # ramp the decay up from 0 (short fine-tunes); see timm's ModelEmaV3
 

@@ -18,6 +18,7 @@ How an epoch is laid out, and why:
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -121,17 +123,74 @@ class Counter:
         return True
 
 
-def decode_sample(sample: dict) -> tuple[Image.Image, int]:
-    """Raw tar sample -> (RGB image, class index). Raises on anything malformed."""
+def decode_sample(sample: dict, lazy: bool = False) -> tuple[Image.Image, int]:
+    """Raw tar sample -> (RGB image, class index). Raises on anything malformed.
+
+    ``lazy``: return the image opened but not decoded, for transforms that decode it themselves at the
+    size they need (pipeline/transforms.py); decoding errors then surface in the transform.
+    """
     image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
     if image_key is None:
         raise ValueError(f"sample {sample.get('__key__')} has no image ({', '.join(IMAGE_EXTENSIONS)})")
     if "cls" not in sample:
         raise ValueError(f"sample {sample.get('__key__')} has no .cls label")
-    with Image.open(io.BytesIO(sample[image_key])) as img:
+    label = int(sample["cls"].decode().strip())
+    img = Image.open(io.BytesIO(sample[image_key]))
+    if lazy:
+        return img, label
+    with img:
         img.load()  # force the decode here so truncated files fail now
-        rgb = img.convert("RGB")
-    return rgb, int(sample["cls"].decode().strip())
+        return img.convert("RGB"), label
+
+
+def seed_sample(seed: int) -> None:
+    """Seed every RNG an augmentation may draw from: Python's (timm's crops), NumPy's (timm's RandAugment,
+    mixup) and torch's CPU generator (torchvision's flips and jitter). Only the CPU generator: torch.manual_seed
+    would also queue CUDA/MPS/XPU seeding, which cost ~0.1 ms per image here (docs/performance.md)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
+class BatchBuilder:
+    """Collects transformed samples into one batch, writing each image straight into the batch tensor.
+
+    In a loader worker that tensor is allocated in shared memory, so handing the batch to the trainer moves
+    no pixels (torch.stack plus the DataLoader's copy into shared memory were two copies of every batch).
+    PIL images (HWC uint8) are written as CHW; tensors of any shape are copied as they are.
+    """
+
+    def __init__(self, batch_size: int, shared: bool):
+        self.batch_size, self.shared = batch_size, shared
+        self.images: Optional[torch.Tensor] = None
+        self.labels: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def add(self, item, label: int) -> None:
+        tensor = _as_tensor(item)
+        if self.images is None:
+            self.images = torch.empty((self.batch_size, *tensor.shape), dtype=tensor.dtype)
+            if self.shared:
+                self.images.share_memory_()
+        self.images[len(self.labels)].copy_(tensor)
+        self.labels.append(label)
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch so far (a partial one is a view of the first rows); the builder starts a new one."""
+        images, labels = self.images[: len(self.labels)], torch.tensor(self.labels)
+        self.images, self.labels = None, []
+        return images, labels
+
+
+def _as_tensor(item) -> torch.Tensor:
+    if isinstance(item, torch.Tensor):
+        return item
+    array = np.array(item)  # a writable copy: torch warns on the read-only view np.asarray gives of a PIL image
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,6 +212,9 @@ class StreamSpec:
     shuffle_buffer: int = 1000
     resampled: bool = False
     skip_batches: int = 0  # micro batches of this epoch already consumed on this rank (resume)
+    # Training: micro batches per epoch on this rank. The stream then runs on into the next epochs by itself,
+    # so one loader (and its workers) serves the whole run; 0: this epoch only, endlessly.
+    epoch_batches: int = 0
 
 
 class ShardStream(IterableDataset):
@@ -163,29 +225,29 @@ class ShardStream(IterableDataset):
         self.transform = transform
 
     # -- shard order -------------------------------------------------------------------------------
-    def _shard_urls(self, worker: int, workers: int) -> Iterator[str]:
+    def _shard_urls(self, epoch: int, stream: int, streams: int) -> Iterator[str]:
         s = self.spec
-        if s.resampled:  # with replacement, independently per worker: any shard count works
-            rng = random.Random(derive_seed(s.seed, s.epoch, s.rank, worker, -1))
+        if s.resampled:  # with replacement, independently per stream: any shard count works
+            rng = random.Random(derive_seed(s.seed, epoch, s.rank, stream, -1))
             while True:
                 yield rng.choice(s.shards)
         cycle = 0
         while True:
-            mine = deal_shards(list(s.shards), seed=s.seed, epoch=s.epoch, rank=s.rank, world=s.world,
-                               shuffle=s.training, cycle=cycle)[worker::workers]
+            mine = deal_shards(list(s.shards), seed=s.seed, epoch=epoch, rank=s.rank, world=s.world,
+                               shuffle=s.training, cycle=cycle)[stream::streams]
             yield from mine
             if not s.training:
                 return
             cycle += 1
 
     # -- samples -----------------------------------------------------------------------------------
-    def _shuffled(self, samples: Iterator[dict], worker: int) -> Iterator[dict]:
+    def _shuffled(self, samples: Iterator[dict], epoch: int, stream: int) -> Iterator[dict]:
         """Reservoir-style shuffle buffer with its own seeded RNG (training only)."""
         s = self.spec
         if not s.training or s.shuffle_buffer <= 1:
             yield from samples
             return
-        rng = random.Random(derive_seed(s.seed, s.epoch, s.rank, worker, -2))
+        rng = random.Random(derive_seed(s.seed, epoch, s.rank, stream, -2))
         buffer: list[dict] = []
         for sample in samples:
             if len(buffer) < s.shuffle_buffer:
@@ -197,39 +259,97 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
+    # -- batches -----------------------------------------------------------------------------------
+    # Which batches a worker makes: batch p of epoch e comes from sample stream (e * epoch_batches + p) % W
+    # (W workers), each stream having its own share of the shards and its own randomness. The DataLoader
+    # hands out batches from its workers round-robin, so a loader that starts at batch s of epoch e gives
+    # its worker w stream (e * epoch_batches + s + w) % W for the rest of the run. What a batch holds thus
+    # depends only on its position, not on where the loader started: a resumed run sees exactly the batches,
+    # augmentation included, that the uninterrupted run would have.
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, str]]:
         s = self.spec
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        counter = Counter()
-        urls = ({"url": url} for url in self._shard_urls(worker, workers))
-        raw = self._shuffled(iter(tarfile_samples(urls, handler=counter)), worker)
-        # The DataLoader takes batches from its workers round-robin, so of the first k batches, worker w
-        # made len(range(w, k, workers)). Skip that many batches' worth of raw samples, undecoded.
-        skip = len(range(worker, s.skip_batches, workers)) * s.batch_size
-        images: list[torch.Tensor] = []
-        labels: list[int] = []
+        state = _WorkerState(BatchBuilder(s.batch_size, shared=info is not None), Counter(),
+                             _SavedRng(active=info is None))
+        if not s.training:  # one pass over this worker's share
+            yield from self._epoch_stream(s.epoch, worker, workers, 0, state)
+            state.rng.restore()
+            if len(state.batch):  # the last, partial eval batch
+                yield *state.batch.take(), state.counter.skipped, state.counter.last_error
+            elif state.counter.skipped:  # report drops even without a final batch
+                yield (torch.empty(0, 3, 1, 1), torch.empty(0, dtype=torch.long), state.counter.skipped,
+                       state.counter.last_error)
+            return
+        if not s.epoch_batches:  # this epoch only
+            stream = (s.skip_batches + worker) % workers
+            yield from self._epoch_stream(s.epoch, stream, workers, len(range(stream, s.skip_batches, workers)), state)
+            return
+        stream = (s.epoch * s.epoch_batches + s.skip_batches + worker) % workers
+        epoch, first = s.epoch, s.skip_batches
+        while True:
+            start = (stream - epoch * s.epoch_batches) % workers  # this stream's first position in the epoch
+            skip = len(range(start, first, workers))
+            count = len(range(start, s.epoch_batches, workers)) - skip
+            yield from itertools.islice(self._epoch_stream(epoch, stream, workers, skip, state), count)
+            epoch, first = epoch + 1, 0
+
+    def _epoch_stream(self, epoch: int, stream: int, streams: int, skip_batches: int, state: "_WorkerState"
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, str]]:
+        """Full batches of one sample stream of one epoch (endless when training), the first ``skip_batches``
+        skipped before decoding."""
+        s = self.spec
+        counter, batch, rng = state.counter, state.batch, state.rng
+        urls = ({"url": url} for url in self._shard_urls(epoch, stream, streams))
+        raw = self._shuffled(iter(tarfile_samples(urls, handler=counter)), epoch, stream)
+        skip = skip_batches * s.batch_size
+        lazy = getattr(self.transform, "lazy_decode", False)
+        rng.save()  # runs when the trainer asks for the next batch: its RNG state as of now
         for index, sample in enumerate(raw):
             if index < skip:
                 continue
             try:
-                image, label = decode_sample(sample)
+                image, label = decode_sample(sample, lazy=lazy)
                 # Per-sample seeding makes augmentation independent of what came before: exact resume.
-                sample_seed = derive_seed(s.seed, s.epoch, s.rank, worker, index)
-                random.seed(sample_seed)
-                torch.manual_seed(sample_seed)
-                images.append(self.transform(image))
-                labels.append(label)
+                seed_sample(derive_seed(s.seed, epoch, s.rank, stream, index))
+                batch.add(self.transform(image), label)
             except Exception as exc:  # malformed sample: count it, keep going
                 counter(exc)
                 continue
-            if len(images) == s.batch_size:
-                yield torch.stack(images), torch.tensor(labels), counter.skipped, counter.last_error
-                images, labels, counter.skipped = [], [], 0
-        if images and not s.training:  # the last, partial eval batch
-            yield torch.stack(images), torch.tensor(labels), counter.skipped, counter.last_error
-        elif counter.skipped and not s.training:  # report drops even without a final batch
-            yield torch.empty(0, 3, 1, 1), torch.empty(0, dtype=torch.long), counter.skipped, counter.last_error
+            if len(batch) == s.batch_size:
+                rng.restore()
+                yield *batch.take(), counter.skipped, counter.last_error
+                rng.save()
+                counter.skipped = 0
+
+
+@dataclass
+class _WorkerState:
+    """What a worker carries from one epoch's stream to the next."""
+
+    batch: "BatchBuilder"
+    counter: Counter
+    rng: "_SavedRng"
+
+
+class _SavedRng:
+    """Without loader workers the stream runs in the trainer's process, and its per-sample seeding must not
+    replace the trainer's own random streams (dropout, mixup): they are saved whenever the stream resumes and
+    put back before each batch is handed over. In a worker process there is nothing to protect."""
+
+    def __init__(self, active: bool):
+        self.active = active
+
+    def save(self) -> None:
+        if self.active:
+            self.state = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+
+    def restore(self) -> None:
+        if self.active:
+            random.setstate(self.state[0])
+            np.random.set_state(self.state[1])
+            torch.default_generator.set_state(self.state[2])
 
 
 def make_loader(spec: StreamSpec, transform, *, prefetch_factor: int = 4, pin_memory: bool = False) -> DataLoader:
@@ -293,11 +413,13 @@ def plan_data(config, world_size: int) -> DataPlan:
 
 
 def build_transforms(config, img_size: int, training: bool):
-    """timm's own train/eval transforms from the augment section, in timm's "prefetcher" form: they end in
-    uint8 CHW tensors, and normalisation (and random erasing) happen on the device (DeviceNormalize).
-    Measured reason (docs/performance.md): less CPU per image in the workers and 4x fewer bytes between
-    worker and trainer than float32 tensors."""
+    """timm's own train/eval transforms from the augment section, in timm's "prefetcher" form: images stay
+    uint8, and normalisation (and random erasing) happen on the device (DeviceNormalize). Measured reason
+    (docs/performance.md): less CPU per image in the workers and 4x fewer bytes between worker and trainer
+    than float32 tensors. ``accelerate`` then swaps in reduced-size JPEG decoding (pipeline/transforms.py)."""
     from timm.data import create_transform
+
+    from .transforms import accelerate
 
     a = config.augment
     kwargs = dict(input_size=img_size, is_training=training, interpolation=a.interpolation,
@@ -305,7 +427,7 @@ def build_transforms(config, img_size: int, training: bool):
     if training:
         kwargs.update(scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip, vflip=a.vflip,
                       color_jitter=a.color_jitter, auto_augment=a.auto_augment)
-    return create_transform(**kwargs)
+    return accelerate(create_transform(**kwargs), draft=config.data.draft_decode)
 
 
 class DeviceNormalize:
@@ -321,12 +443,13 @@ class DeviceNormalize:
         self.mean = torch.tensor([255 * m for m in mean], device=dev).view(1, -1, 1, 1)
         self.std = torch.tensor([255 * s for s in std], device=dev).view(1, -1, 1, 1)
         self.erasing = RandomErasing(a.re_prob, mode="pixel", device=str(dev)) if a.re_prob > 0 else None
+        self.memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
 
     def __call__(self, images: torch.Tensor, training: bool) -> torch.Tensor:
         images = (images.float() - self.mean) / self.std
         if training and self.erasing is not None:
             images = self.erasing(images)
-        return images
+        return images.contiguous(memory_format=self.memory_format)
 
 
 class RankData:
@@ -340,10 +463,14 @@ class RankData:
         self.pin_memory = pin_memory
 
     def train_batches(self, epoch: int, skip_batches: int = 0) -> DataLoader:
+        """Training batches from micro batch ``skip_batches`` of ``epoch`` on, running on through the later
+        epochs: one loader, and one start-up of its workers, for the whole run (measured: a new loader per
+        epoch cost ~0.2 s of waiting and discarded its prefetched batches at every epoch, ~6% of the demo)."""
         d = self.config.data
         workers = d.num_workers if d.resampled else usable_workers(d.num_workers, len(self.plan.train_shards), self.world)
+        epoch_batches = self.plan.steps_per_epoch * self.config.optim.grad_accum_steps
         spec = StreamSpec(tuple(self.plan.train_shards), self.micro_batch, self.config.run.seed, epoch, self.rank,
-                          self.world, workers, True, d.shuffle_buffer, d.resampled, skip_batches)
+                          self.world, workers, True, d.shuffle_buffer, d.resampled, skip_batches, epoch_batches)
         return make_loader(spec, self.train_transform, prefetch_factor=d.prefetch_factor, pin_memory=self.pin_memory)
 
     def val_batches(self) -> Optional[DataLoader]:

@@ -310,69 +310,65 @@ def train(config: Config, run_dir: Path) -> int:
     last_error = ""
     stopped = None
 
+    skip = (loop.step % plan.steps_per_epoch) * loop.accum
+    batches = iter(data.train_batches(loop.epoch, skip_batches=skip))  # runs on through the epochs
     while loop.step < total_steps:
-        epoch = loop.epoch
-        skip = (loop.step % plan.steps_per_epoch) * loop.accum
-        batches = iter(data.train_batches(epoch, skip_batches=skip))
-        while loop.step < total_steps and loop.epoch == epoch:
-            schedule.step_update(loop.step)
-            for _ in range(loop.accum):
-                wait_start = time.perf_counter()
-                images, labels, dropped, error = next(batches)
-                window_wait += time.perf_counter() - wait_start
-                window_skipped += dropped
-                last_error = error or last_error
-                images = normalize(images.to(dev, non_blocking=True), training=True)
-                labels = labels.to(dev, non_blocking=True)
-                if mixup is not None:
-                    images, labels = mixup(images, labels)
-                loss = criterion(engine(images.to(dtype)).float(), labels)
-                engine.backward(loss)
-                engine.step()
-                window_loss += loss.detach() / loop.accum
-            loop.step += 1
-            window_steps += 1
-            if loop.ema is not None:
-                loop.ema.update(engine.module, step=loop.step)
+        schedule.step_update(loop.step)
+        for _ in range(loop.accum):
+            wait_start = time.perf_counter()
+            images, labels, dropped, error = next(batches)
+            window_wait += time.perf_counter() - wait_start
+            window_skipped += dropped
+            last_error = error or last_error
+            images = normalize(images.to(dev, non_blocking=True), training=True)
+            labels = labels.to(dev, non_blocking=True)
+            if mixup is not None:
+                images, labels = mixup(images, labels)
+            loss = criterion(engine(images.to(dtype)).float(), labels)
+            engine.backward(loss)
+            engine.step()
+            window_loss += loss.detach() / loop.accum
+        loop.step += 1
+        window_steps += 1
+        if loop.ema is not None:
+            loop.ema.update(engine.module, step=loop.step)
 
-            if loop.step % config.tracking.log_every_steps == 0 or loop.step == total_steps:
-                loss_sum, skipped_sum = _all_sum([window_loss.item(), window_skipped], dev)
-                elapsed = time.perf_counter() - window_start
-                metrics = {"train_loss": loss_sum / env.world_size / window_steps,
-                           "lr": schedule.optimizer.param_groups[0]["lr"] / schedule.optimizer.param_groups[0].get("lr_scale", 1.0),
-                           "grad_norm": _float(engine.get_global_grad_norm()),
-                           "images_per_s": window_steps * config.data.batch_size / elapsed,
-                           "data_wait_fraction": window_wait / elapsed,
-                           "epoch": loop.step / plan.steps_per_epoch, "skipped_samples": skipped_sum}
-                metrics.update(telemetry.at_log_step(  # collective: per-GPU rates, MFU, each node's system load
-                    metrics["images_per_s"], window_steps * config.data.batch_size / env.world_size / elapsed,
-                    window_wait / elapsed))
-                if env.rank == 0:
-                    loop.history.append((loop.step, metrics["train_loss"]))
-                    tracker.log_metrics(metrics, loop.step)
-                    progress.update(loop.step, metrics)
-                    if skipped_sum:
-                        progress.write(f"skipped {int(skipped_sum)} undecodable sample(s) in the last "
-                                       f"{window_steps} steps; last: {last_error}")
-                window_loss.zero_()
-                window_steps = window_skipped = 0
-                window_start, window_wait = time.perf_counter(), 0.0
+        if loop.step % config.tracking.log_every_steps == 0 or loop.step == total_steps:
+            loss_sum, skipped_sum = _all_sum([window_loss.item(), window_skipped], dev)
+            elapsed = time.perf_counter() - window_start
+            metrics = {"train_loss": loss_sum / env.world_size / window_steps,
+                       "lr": schedule.optimizer.param_groups[0]["lr"] / schedule.optimizer.param_groups[0].get("lr_scale", 1.0),
+                       "grad_norm": _float(engine.get_global_grad_norm()),
+                       "images_per_s": window_steps * config.data.batch_size / elapsed,
+                       "data_wait_fraction": window_wait / elapsed,
+                       "epoch": loop.step / plan.steps_per_epoch, "skipped_samples": skipped_sum}
+            metrics.update(telemetry.at_log_step(  # collective: per-GPU rates, MFU, each node's system load
+                metrics["images_per_s"], window_steps * config.data.batch_size / env.world_size / elapsed,
+                window_wait / elapsed))
+            if env.rank == 0:
+                loop.history.append((loop.step, metrics["train_loss"]))
+                tracker.log_metrics(metrics, loop.step)
+                progress.update(loop.step, metrics)
+                if skipped_sum:
+                    progress.write(f"skipped {int(skipped_sum)} undecodable sample(s) in the last "
+                                   f"{window_steps} steps; last: {last_error}")
+            window_loss.zero_()
+            window_steps = window_skipped = 0
+            window_start, window_wait = time.perf_counter(), 0.0
 
-            if config.eval.every_steps and loop.step % config.eval.every_steps == 0 and loop.step < total_steps:
-                _log_eval(evaluate_with_ema(engine, loop.ema, data, normalize, dev, dtype, img_size, num_classes), loop, tracker, progress, env)
-            if fault is not None and loop.step == fault.step:
-                fault.trigger()
-            if config.run.stop_at_step and loop.step >= config.run.stop_at_step and loop.step < total_steps:
-                STOP.request(f"run.stop_at_step={config.run.stop_at_step}")
-            if STOP.agreed():
-                stopped = STOP.reason or "stop requested on another rank"
-                break
-            if config.checkpoint.every_steps and loop.step % config.checkpoint.every_steps == 0 \
-                    and loop.step < total_steps:
-                _save(engine, run_dir, loop, env, config, tracker, progress, "interval")
-        del batches
-        if stopped:
+        if config.eval.every_steps and loop.step % config.eval.every_steps == 0 and loop.step < total_steps:
+            _log_eval(evaluate_with_ema(engine, loop.ema, data, normalize, dev, dtype, img_size, num_classes), loop, tracker, progress, env)
+        if fault is not None and loop.step == fault.step:
+            fault.trigger()
+        if config.run.stop_at_step and loop.step >= config.run.stop_at_step and loop.step < total_steps:
+            STOP.request(f"run.stop_at_step={config.run.stop_at_step}")
+        if STOP.agreed():
+            stopped = STOP.reason or "stop requested on another rank"
             break
+        if config.checkpoint.every_steps and loop.step % config.checkpoint.every_steps == 0 \
+                and loop.step < total_steps:
+            _save(engine, run_dir, loop, env, config, tracker, progress, "interval")
+    del batches
 
     if stopped:
         _save(engine, run_dir, loop, env, config, tracker, progress, f"stop: {stopped}")

@@ -17,8 +17,10 @@ def test_bench_writes_json_and_markdown_with_baselines(digits_shards, tmp_path):
                      "--loader-images", "64", "--steps", "1", "--warmup", "0",
                      f"data.train_shards={digits_shards}/train-{{000000..000003}}.tar", "model.img_size=32",
                      "model.patch_size=8", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
-                     "data.batch_size=16", f"run.root={tmp_path}", cwd=ROOT)
+                     "data.batch_size=16", f"run.root={tmp_path}", "--rounds", "2", "model.channels_last=true",
+                     cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning" not in result.stderr.lower(), result.stderr[-3000:]
     [path] = tmp_path.glob("bench-*.json")
     data = json.loads(path.read_text())
     for key in ("bare_uint8_1core", "pipeline", "timm_wds", "pipeline_vs_timm", "streaming_overhead"):
@@ -26,7 +28,18 @@ def test_bench_writes_json_and_markdown_with_baselines(digits_shards, tmp_path):
     for name in ("deepspeed", "plain"):
         assert data["step"][name]["images_per_s"] > 0 and data["step"][name]["mfu"] > 0
     assert data["machine"]["cores"] >= 1 and data["step"]["gflops_per_image_fwd_bwd"] > 0
-    assert "| this pipeline" in path.with_suffix(".md").read_text()
+    assert len(data["loader"]["rounds"]["pipeline"]) == 2
+    # channels_last is a speed option timm's train.py loop does not use by default: that loop is a third row
+    assert data["step"]["timm_style"]["images_per_s"] > 0 and data["step"]["speedup_vs_timm_style"] > 0
+    markdown = path.with_suffix(".md").read_text()
+    assert "| this pipeline" in markdown and "timm train.py-style" in markdown
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
+    assert run.data.metrics["loader_pipeline"] == pytest.approx(data["loader"]["pipeline"])
+    assert run.data.params["channels_last"] == "True"
 
 
 def test_bench_rejects_bad_config(tmp_path):

@@ -171,3 +171,41 @@ def test_resampled_mode_serves_any_number_of_ranks_from_one_shard(tmp_path):
         per_rank.append(sample_ids(itertools.islice(iter(loader), 5)))
     assert all(len(ids) == 20 and set(ids) <= set(range(10)) for ids in per_rank)
     assert len({tuple(ids) for ids in per_rank}) == 4, "ranks draw independently"
+
+
+def test_one_loader_runs_through_epochs_and_resumes_anywhere_identically(tmp_path):
+    """The training loader runs on into later epochs (one set of workers for the run). Restarted at any
+    batch of any epoch, odd positions with 2 workers included, it gives exactly the uninterrupted run's
+    batches, random augmentation included: what a batch holds depends only on its position."""
+    shards = make_shards(tmp_path, [9] * 5)  # 45 samples, batch 5: 9 batches per epoch (odd, with 2 workers)
+
+    def noisy(image):
+        return identity(image).float() + torch.rand(1)
+
+    def run(epoch, skip, n):
+        loader = make_loader(spec(shards, workers=2, batch_size=5, epoch=epoch, skip_batches=skip,
+                                  epoch_batches=9), noisy)
+        return [(images.clone(), labels.clone()) for images, labels, _, _ in itertools.islice(iter(loader), n)]
+
+    full = run(0, 0, 30)  # epochs 0-2 and the start of 3
+    for epoch, skip in [(0, 1), (0, 8), (1, 0), (1, 3), (2, 4)]:
+        start = epoch * 9 + skip
+        resumed = run(epoch, skip, 30 - start)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[start:], resumed)), (
+            epoch, skip)
+    ids = [sorted(int(v) for images, _ in full[e * 9:(e + 1) * 9] for v in images.floor().flatten()) for e in range(3)]
+    assert ids[0] != ids[1] or [b[0] for b in full[:9]] != [b[0] for b in full[9:18]]  # epochs differ
+
+
+def test_without_workers_the_trainers_random_streams_are_left_alone(tmp_path):
+    """In the main process the per-sample seeding must not rewind or replace the trainer's RNG (dropout)."""
+    shards = make_shards(tmp_path, [8] * 2)
+    loader = iter(make_loader(spec(shards, workers=0, epoch_batches=4), identity))
+    torch.manual_seed(123)
+    expected = [torch.rand(3) for _ in range(6)]
+    torch.manual_seed(123)
+    drawn = []
+    for _ in range(6):  # across an epoch boundary (4 batches per epoch)
+        next(loader)
+        drawn.append(torch.rand(3))
+    assert all(torch.equal(a, b) for a, b in zip(expected, drawn))
