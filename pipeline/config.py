@@ -43,7 +43,9 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held for shuffling within each worker
     prefetch_factor: int = 4
     pin_memory: bool = True  # only used on CUDA
-    draft_decode: bool = True  # decode JPEGs at 1/2-1/8 size when the crop allows (pipeline/transforms.py)
+    # Loader speed-ups of the random resized crop (pipeline/transforms.py, figures in docs/performance.md):
+    draft_decode: bool = True  # decode JPEGs at 1/2-1/8 size when the crop is >= 2x the output
+    torch_resize: bool = True  # resample with torch's uint8 antialiased kernel (Pillow's filter, ~4x faster)
 
 
 @dataclass

@@ -21,8 +21,10 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import random
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,8 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 
 log = logging.getLogger(__name__)
+# BatchBuilder only reads images through torch.from_numpy(np.asarray(pil_image)), which is read-only.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", module=__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
 
@@ -158,12 +162,18 @@ class BatchBuilder:
     In a loader worker that tensor is allocated in shared memory, so handing the batch to the trainer moves
     no pixels (torch.stack plus the DataLoader's copy into shared memory were two copies of every batch).
     PIL images (HWC uint8) are written as CHW; tensors of any shape are copied as they are.
+
+    ``recycle``: reuse a ring of that many shared buffers instead of a fresh one per batch. Fresh shared
+    memory is paid for in page faults on first write (measured: ~20% of a worker's time at 224 px), but a
+    buffer may only be reused once the consumer is done with it: see ``StreamSpec.recycle_buffers``.
     """
 
-    def __init__(self, batch_size: int, shared: bool):
-        self.batch_size, self.shared = batch_size, shared
+    def __init__(self, batch_size: int, shared: bool, recycle: int = 0):
+        self.batch_size, self.shared, self.recycle = batch_size, shared, recycle
         self.images: Optional[torch.Tensor] = None
         self.labels: list[int] = []
+        self.ring: list[torch.Tensor] = []
+        self.batches = 0
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -171,11 +181,24 @@ class BatchBuilder:
     def add(self, item, label: int) -> None:
         tensor = _as_tensor(item)
         if self.images is None:
-            self.images = torch.empty((self.batch_size, *tensor.shape), dtype=tensor.dtype)
-            if self.shared:
-                self.images.share_memory_()
+            self.images = self._buffer((self.batch_size, *tensor.shape), tensor.dtype)
         self.images[len(self.labels)].copy_(tensor)
         self.labels.append(label)
+
+    def _buffer(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        slot = self.batches % self.recycle if self.recycle else None
+        self.batches += 1
+        if slot is not None and slot < len(self.ring) and self.ring[slot].shape == shape \
+                and self.ring[slot].dtype == dtype:
+            return self.ring[slot]
+        if self.shared:  # allocated in shared memory directly, as torch's default_collate does
+            storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.empty(0, dtype=dtype).element_size())
+            buffer = torch.empty(0, dtype=dtype).set_(storage).view(shape)
+        else:
+            buffer = torch.empty(shape, dtype=dtype)
+        if slot is not None:
+            self.ring[slot:slot + 1] = [buffer]
+        return buffer
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch so far (a partial one is a view of the first rows); the builder starts a new one."""
@@ -187,7 +210,7 @@ class BatchBuilder:
 def _as_tensor(item) -> torch.Tensor:
     if isinstance(item, torch.Tensor):
         return item
-    array = np.array(item)  # a writable copy: torch warns on the read-only view np.asarray gives of a PIL image
+    array = np.asarray(item)  # read-only (Pillow's bytes): only read, by the copy into the batch
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array).permute(2, 0, 1)
@@ -215,6 +238,10 @@ class StreamSpec:
     # Training: micro batches per epoch on this rank. The stream then runs on into the next epochs by itself,
     # so one loader (and its workers) serves the whole run; 0: this epoch only, endlessly.
     epoch_batches: int = 0
+    # Each worker reuses this many shared image buffers in turn (0: a new one per batch). Only for a consumer
+    # that is done with a batch when it asks for the next (the trainer is): a worker is at most
+    # prefetch_factor batches ahead, so prefetch_factor + 3 buffers are never reused while still in use.
+    recycle_buffers: int = 0
 
 
 class ShardStream(IterableDataset):
@@ -271,8 +298,9 @@ class ShardStream(IterableDataset):
         s = self.spec
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        state = _WorkerState(BatchBuilder(s.batch_size, shared=info is not None), Counter(),
-                             _SavedRng(active=info is None))
+        state = _WorkerState(BatchBuilder(s.batch_size, shared=info is not None,
+                                          recycle=s.recycle_buffers if s.training and info is not None else 0),
+                             Counter(), _SavedRng(active=info is None))
         if not s.training:  # one pass over this worker's share
             yield from self._epoch_stream(s.epoch, worker, workers, 0, state)
             state.rng.restore()
@@ -416,7 +444,7 @@ def build_transforms(config, img_size: int, training: bool):
     """timm's own train/eval transforms from the augment section, in timm's "prefetcher" form: images stay
     uint8, and normalisation (and random erasing) happen on the device (DeviceNormalize). Measured reason
     (docs/performance.md): less CPU per image in the workers and 4x fewer bytes between worker and trainer
-    than float32 tensors. ``accelerate`` then swaps in reduced-size JPEG decoding (pipeline/transforms.py)."""
+    than float32 tensors. ``accelerate`` then swaps in a faster random resized crop (pipeline/transforms.py)."""
     from timm.data import create_transform
 
     from .transforms import accelerate
@@ -427,7 +455,8 @@ def build_transforms(config, img_size: int, training: bool):
     if training:
         kwargs.update(scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip, vflip=a.vflip,
                       color_jitter=a.color_jitter, auto_augment=a.auto_augment)
-    return accelerate(create_transform(**kwargs), draft=config.data.draft_decode)
+    return accelerate(create_transform(**kwargs), draft=config.data.draft_decode,
+                      torch_resize=config.data.torch_resize)
 
 
 class DeviceNormalize:
@@ -465,12 +494,14 @@ class RankData:
     def train_batches(self, epoch: int, skip_batches: int = 0) -> DataLoader:
         """Training batches from micro batch ``skip_batches`` of ``epoch`` on, running on through the later
         epochs: one loader, and one start-up of its workers, for the whole run (measured: a new loader per
-        epoch cost ~0.2 s of waiting and discarded its prefetched batches at every epoch, ~6% of the demo)."""
+        epoch cost ~0.2 s of waiting and discarded its prefetched batches at every epoch, ~6% of the demo).
+        The caller must be done with a batch's images when it asks for the next (buffers are recycled)."""
         d = self.config.data
         workers = d.num_workers if d.resampled else usable_workers(d.num_workers, len(self.plan.train_shards), self.world)
         epoch_batches = self.plan.steps_per_epoch * self.config.optim.grad_accum_steps
         spec = StreamSpec(tuple(self.plan.train_shards), self.micro_batch, self.config.run.seed, epoch, self.rank,
-                          self.world, workers, True, d.shuffle_buffer, d.resampled, skip_batches, epoch_batches)
+                          self.world, workers, True, d.shuffle_buffer, d.resampled, skip_batches, epoch_batches,
+                          recycle_buffers=d.prefetch_factor + 3)
         return make_loader(spec, self.train_transform, prefetch_factor=d.prefetch_factor, pin_memory=self.pin_memory)
 
     def val_batches(self) -> Optional[DataLoader]:

@@ -209,3 +209,26 @@ def test_without_workers_the_trainers_random_streams_are_left_alone(tmp_path):
         next(loader)
         drawn.append(torch.rand(3))
     assert all(torch.equal(a, b) for a, b in zip(expected, drawn))
+
+
+def test_recycled_shared_buffers_hold_the_same_batches_for_a_one_at_a_time_consumer(tmp_path):
+    """Workers reuse prefetch_factor + 3 shared buffers in turn; a consumer that is done with each batch when
+    it asks for the next (the trainer) still sees exactly the batches of a non-recycling loader."""
+    shards = make_shards(tmp_path, [12] * 4)
+
+    def noisy(image):
+        return identity(image).float() + torch.rand(1)
+
+    def batches(recycle):
+        loader = make_loader(spec(shards, workers=2, batch_size=3, epoch_batches=16, recycle_buffers=recycle),
+                             noisy, prefetch_factor=2)
+        seen, storages = [], set()
+        for images, labels, _, _ in itertools.islice(iter(loader), 40):
+            storages.add(images.untyped_storage().data_ptr())
+            seen.append((images.clone(), labels.clone()))  # a copy: the buffer itself is reused
+        return seen, storages
+
+    plain, _ = batches(0)
+    recycled, storages = batches(2 + 3)
+    assert len(storages) <= 2 * 5, "each worker cycles through its ring of buffers"
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, recycled))
