@@ -52,6 +52,10 @@ def stage_runs(digits_shards, tmp_path_factory):
                          "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
                          f"optim.epochs={3 * 32 / 1497}", "optim.warmup_epochs=0.01",
                          f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}", f"launch.nproc={ranks}",
+                         # no clipping: ZeRO-2 and ZeRO-3 sum the gradient norm in different orders, so a clipped
+                         # step differs in the last bits (measured: 7e-9) and the bitwise comparison below would
+                         # test the norm's rounding instead of where each partition goes
+                         "optim.grad_clip=0",
                          "checkpoint.every_steps=0", "tracking.enabled=false", f"run.root={root}", f"run.name={name}",
                          cwd=ROOT)
         _ok(result)
