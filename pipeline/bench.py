@@ -457,8 +457,10 @@ def bench_step(config, img_size: int, steps: int, warmup: int, rounds: int) -> d
 
 
 def _speed_options(config, dev: torch.device) -> dict:
-    fused = config.optim.fused if config.optim.fused is not None else dev.type == "cuda"
-    return {"compile": config.model.compile, "channels_last": config.model.channels_last, "fused_adamw": fused,
+    from .engine import use_fused_adamw
+
+    return {"compile": config.model.compile, "channels_last": config.model.channels_last,
+            "fused_adamw": use_fused_adamw(config, dev),
             "precision": config.deepspeed.precision}
 
 

@@ -85,12 +85,16 @@ def param_groups(model: torch.nn.Module, config: Config) -> list[dict]:
     return param_groups_weight_decay(model, config.optim.weight_decay, no_weight_decay_list=skip)
 
 
+def use_fused_adamw(config: Config, dev: torch.device) -> bool:
+    """torch AdamW's fused kernel: on CUDA by default (one launch instead of one per tensor group); on CPU it
+    measured no faster inside DeepSpeed here (docs/performance.md), so it is opt-in there (optim.fused)."""
+    return config.optim.fused if config.optim.fused is not None else dev.type == "cuda"
+
+
 def make_optimizer(model: torch.nn.Module, config: Config, dev: torch.device) -> torch.optim.AdamW:
-    """torch AdamW over timm's groups. Its fused kernel is used on CUDA by default (one launch instead of
-    one per tensor group); on CPU it measured no faster here (docs/performance.md), so it is opt-in there."""
-    fused = config.optim.fused if config.optim.fused is not None else dev.type == "cuda"
+    """torch AdamW over timm's groups (fused per ``use_fused_adamw``)."""
     return torch.optim.AdamW(param_groups(model, config), lr=config.optim.lr, betas=tuple(config.optim.betas),
-                             eps=config.optim.eps, fused=fused or None)
+                             eps=config.optim.eps, fused=use_fused_adamw(config, dev) or None)
 
 
 def compute_dtype(config: Config) -> torch.dtype:
