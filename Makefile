@@ -62,7 +62,7 @@ ui: setup
 .PHONY: tracking-sync bench-tracking
 # What MLflow tracking costs a training step, against a real mlflow server on loopback (docs/performance.md)
 bench-tracking: setup
-	$(RUN) -m pipeline.bench_tracking $(ARGS)
+	$(RUN) -m benchmarks.bench_tracking $(ARGS)
 
 # Upload a run's MLflow records kept while the tracking server was unreachable: make tracking-sync RUN_DIR=runs/<dir>
 tracking-sync: setup

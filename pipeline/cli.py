@@ -67,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["shards"]:  # its own parser with its own --help
-        from .shards import main as shards_main
+        from pipeline.data.writer import main as shards_main
 
         return shards_main(argv[1:])
     if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
+        from benchmarks.bench import main as bench_main
 
         return bench_main(argv[1:])
     parser = build_parser()
@@ -105,8 +105,8 @@ def prepare(stage: str, config_path: str, overrides: list[str], pretrained: str 
             resolve_weights: bool = True):
     """Load, validate and complete a config for a stage; returns (config, family). Raises ConfigError/DataError.
     resolve_weights=False (a fine-tune chained after a pretraining job): the weights are found in the job."""
-    from .config import ConfigError, load_config, validate
-    from .data import plan_data
+    from pipeline.config import ConfigError, load_config, validate
+    from pipeline.data.stream import plan_data
 
     config = load_config(config_path, [*overrides, f"run.stage={stage}"])
     cluster = resolve_cluster(config.launch.cluster)
@@ -122,7 +122,7 @@ def prepare(stage: str, config_path: str, overrides: list[str], pretrained: str 
     family = Path(config_path).stem
     config.tracking.experiment = config.tracking.experiment or family
     if stage == "finetune" and resolve_weights:
-        from .finetune import resolve_pretrained
+        from pipeline.finetune.pretrained import resolve_pretrained
 
         resolve_pretrained(config, pretrained, family)
     elif stage == "finetune":
@@ -131,9 +131,9 @@ def prepare(stage: str, config_path: str, overrides: list[str], pretrained: str 
 
 
 def run_stage(stage: str, args) -> int:
-    from .config import ConfigError, to_yaml
-    from .data import DataError
-    from .runs import choose_run_dir, is_complete, write_config
+    from pipeline.config import ConfigError, to_yaml
+    from pipeline.data.stream import DataError
+    from pipeline.rundir import choose_run_dir, is_complete, write_config
 
     try:
         config, family = prepare(stage, args.config, args.overrides, getattr(args, "pretrained", None))
@@ -179,9 +179,9 @@ def run_pipeline(args) -> int:
     that job when it starts). Both configs are checked before anything runs or is submitted."""
     import shlex
 
-    from .config import ConfigError
-    from .data import DataError
-    from .runs import choose_run_dir, is_complete, write_config
+    from pipeline.config import ConfigError
+    from pipeline.data.stream import DataError
+    from pipeline.rundir import choose_run_dir, is_complete, write_config
 
     name = next((o.split("=", 1)[1] for o in reversed(args.overrides) if o.startswith("run.name=")), None)
     shared = [o for o in args.overrides if not o.startswith("run.name=")]
@@ -300,7 +300,7 @@ def follow_slurm_job(job, run_dir: Path, resume: str) -> int:
     from launch.local import RESUMABLE_EXIT
     from launch.slurm import explain_failure, wait, write_status
 
-    from .checkpoint import latest_complete
+    from pipeline.train.checkpoint import latest_complete
 
     try:
         outcome = wait(job)
@@ -332,8 +332,8 @@ def follow_slurm_job(job, run_dir: Path, resume: str) -> int:
 
 def run_tracking_sync(run_dir: Path, uri: str | None, timeout_s: float) -> int:
     """0: everything sent (or nothing to send); 1: the store is still unreachable; 2: not a run folder."""
-    from .config import ConfigError
-    from .tracking import SPOOL_FILE, sync_run
+    from pipeline.config import ConfigError
+    from pipeline.tracking.tracker import SPOOL_FILE, sync_run
 
     if timeout_s < 0:
         return _fail(f"--timeout={timeout_s} must be >= 0 (seconds)")

@@ -19,7 +19,7 @@ def run(run_dir: str) -> int:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's per-rank INFO lines drown the progress output
-    from .train import run_worker
+    from pipeline.train.trainer import run_worker
 
     return run_worker(run_dir)
 
@@ -36,9 +36,9 @@ def run_after_pretrain(run_dir: str, family: str, poll_s: float = 1.0) -> int:
     path = Path(run_dir)
     ready = path / READY_FILE
     if int(os.environ.get("RANK", "0")) == 0 and not ready.exists():
-        from .config import ConfigError
-        from .finetune import resolve_pretrained
-        from .runs import is_complete, load_saved, write_config
+        from pipeline.config import ConfigError
+        from pipeline.finetune.pretrained import resolve_pretrained
+        from pipeline.rundir import is_complete, load_saved, write_config
 
         config = load_saved(path)
         source = Path(config.finetune.pretrained or "")

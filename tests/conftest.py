@@ -16,7 +16,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
     """The digits demo written as shards (train 4 x 400, val 1 x 300), once per test session."""
-    from pipeline.shards import write_digits
+    from pipeline.data.writer import write_digits
 
     out = tmp_path_factory.mktemp("digits")
     write_digits(out, samples_per_shard=400)

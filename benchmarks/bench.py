@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config
 
 # ----------------------------------------------------------------------------------------------------
 # The machine
@@ -95,7 +95,7 @@ def write_jpeg_bench_shards(out: Path, count: int = 1536, per_shard: int = 192, 
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from .shards import write_split
+    from pipeline.data.writer import write_split
 
     if (out / "manifest.json").exists():
         return out / "manifest.json"
@@ -147,7 +147,7 @@ def _raw_samples(shards: list[str]):
 def bench_bare(shards: list[str], transform, images: int, batch_size: int = 32) -> float:
     """Decode + transform + batch in a plain loop over the tar files, on one thread like one loader worker
     (DataLoader workers run torch single-threaded too): what the loader would cost with no streaming."""
-    from .data import BatchBuilder, decode_sample
+    from pipeline.data.stream import BatchBuilder, decode_sample
 
     lazy = getattr(transform, "lazy_decode", False)
     threads = torch.get_num_threads()
@@ -190,7 +190,7 @@ def _time_loader(loader, images: int) -> float:
 
 
 def bench_pipeline_loader(config, plan, images: int) -> float:
-    from .data import RankData
+    from pipeline.data.stream import RankData
 
     data = RankData(config, plan, 0, 1, config.model.img_size or 224, pin_memory=False)
     return _time_loader(data.train_batches(epoch=0), images)
@@ -267,7 +267,7 @@ def interleaved(timers: list[StepTimer], steps: int, warmup: int, rounds: int) -
 
 def deepspeed_step(config, model):
     """One optimizer step of the engine as training uses it (the boundary ``engine.step`` is "optimizer")."""
-    from .engine import compute_dtype, create_engine, device
+    from pipeline.train.engine import compute_dtype, create_engine, device
 
     dev, dtype = device(), compute_dtype(config)
     engine, _, _ = create_engine(model, config, 1, total_steps=10**6, warmup_steps=0)
@@ -294,7 +294,7 @@ def deepspeed_step(config, model):
 def plain_step(config, model):
     """The same step without DeepSpeed: torch AdamW (same groups and fused setting), autocast for bf16/fp16,
     clipping; a timm ``train.py``-style loop."""
-    from .engine import compute_dtype, device, make_optimizer
+    from pipeline.train.engine import compute_dtype, device, make_optimizer
 
     dev, dtype = device(), compute_dtype(config)
     model = model.to(dev)
@@ -327,8 +327,8 @@ def plain_step(config, model):
 
 def bench_data_wait(config, plan, model, steps: int) -> dict:
     """The engine fed by the real loader: how much of the step waits for data."""
-    from .data import DeviceNormalize, RankData
-    from .engine import compute_dtype, create_engine, device
+    from pipeline.data.stream import DeviceNormalize, RankData
+    from pipeline.train.engine import compute_dtype, create_engine, device
 
     dev, dtype = device(), compute_dtype(config)
     engine, _, _ = create_engine(model, config, 1, total_steps=10**6, warmup_steps=0)
@@ -354,8 +354,8 @@ def bench_data_wait(config, plan, model, steps: int) -> dict:
 
 
 def run(config, args) -> dict:
-    from .data import plan_data
-    from .models import create_model
+    from pipeline.data.stream import plan_data
+    from pipeline.model.factory import create_model
 
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -390,7 +390,7 @@ def bench_loader(config, plan, img_size: int, images: int, rounds: int) -> dict:
     """The loader rows, each the median of ``rounds`` interleaved measurements."""
     from timm.data import create_transform
 
-    from .data import build_transforms
+    from pipeline.data.stream import build_transforms
 
     # The bare float baseline and timm's reader get timm's usual (normalising) transforms; ours ends in
     # uint8 and normalises on the device, which is part of what is being measured.
@@ -427,8 +427,8 @@ def bench_step(config, img_size: int, steps: int, warmup: int, rounds: int) -> d
     ``train.py``-style loop (eager, unfused AdamW, contiguous memory); all from the same initial weights."""
     import copy
 
-    from .engine import compute_dtype, device
-    from .models import create_model
+    from pipeline.train.engine import compute_dtype, device
+    from pipeline.model.factory import create_model
 
     dev, dtype = device(), compute_dtype(config)
     torch.manual_seed(0)
@@ -457,7 +457,7 @@ def bench_step(config, img_size: int, steps: int, warmup: int, rounds: int) -> d
 
 
 def _speed_options(config, dev: torch.device) -> dict:
-    from .engine import use_fused_adamw
+    from pipeline.train.engine import use_fused_adamw
 
     return {"compile": config.model.compile, "channels_last": config.model.channels_last,
             "fused_adamw": use_fused_adamw(config, dev),
@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     if folder.name in BENCH_SETS:
         count, per_shard, sides = BENCH_SETS[folder.name]
         write_jpeg_bench_shards(folder, count, per_shard, sides)
-    from .data import DataError
+    from pipeline.data.stream import DataError
 
     try:
         results = run(config, args)
@@ -552,7 +552,7 @@ def _log_to_mlflow(config, results: dict, path: Path) -> None:
     """Benchmarks are runs too: one MLflow run per bench in the 'bench' experiment."""
     if not config.tracking.enabled:
         return
-    from .tracking import artifact_location, tracking_uri
+    from pipeline.tracking.tracker import artifact_location, tracking_uri
 
     try:
         from mlflow.entities import Metric, Param

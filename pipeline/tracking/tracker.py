@@ -616,7 +616,7 @@ def _now_ms() -> int:
 def sync_run(run_dir: Path, uri: Optional[str] = None, timeout_s: float = 60.0) -> tuple[int, int, Optional[str]]:
     """Upload what a run's journal still holds: (sent, left, last error). Raises FileNotFoundError/ValueError
     for a folder that is not a run directory."""
-    from .config import from_yaml_file
+    from pipeline.config import from_yaml_file
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.data import (DataError, RankData, ShardStream, StreamSpec, make_loader, plan_data, usable_workers)
-from pipeline.shards import write_split
+from pipeline.data.stream import (DataError, RankData, ShardStream, StreamSpec, make_loader, plan_data, usable_workers)
+from pipeline.data.writer import write_split
 
 
 def _png(value: int) -> bytes:
@@ -137,7 +137,7 @@ def test_missing_shards_are_a_clear_error(tmp_path):
 
 
 def test_rank_data_uses_timm_transforms_and_the_manifest(tmp_path):
-    from pipeline.shards import write_digits
+    from pipeline.data.writer import write_digits
 
     write_digits(tmp_path, samples_per_shard=400)
     config = load_config(None, [f"data.train_shards={tmp_path}/train-{{000000..000003}}.tar",

@@ -19,7 +19,7 @@ Shards are written under a temporary name and renamed into place, and
 always describes a complete set of shards.  Tar member times are fixed to 0,
 which makes the output byte-for-byte reproducible for the same input.
 
-Run ``python -m pipeline.shards --help`` for the command line.
+Run ``python -m pipeline shards --help`` for the command line.
 """
 
 from __future__ import annotations
@@ -333,7 +333,7 @@ def read_manifest(path_or_dir: str | os.PathLike) -> dict:
     """Load and sanity-check a manifest, given the file or its directory."""
     path = _manifest_path(path_or_dir)
     if not path.is_file():
-        raise FileNotFoundError(f"no shard manifest at {path} (write shards first: python -m pipeline.shards)")
+        raise FileNotFoundError(f"no shard manifest at {path} (write shards first: python -m pipeline shards)")
     with open(path, encoding="utf-8") as fh:
         manifest = json.load(fh)
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
@@ -589,7 +589,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="python -m pipeline.shards",
+        prog="python -m pipeline shards",
         description=(
             "Write WebDataset tar shards plus manifest.json from the built-in digits "
             "demo set or from an ImageFolder tree (<dir>/<class_name>/<images>)."

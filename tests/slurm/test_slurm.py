@@ -415,7 +415,7 @@ def test_time_limit_warning_checkpoints_and_requeues(jobs):
 
 @pytest.mark.slurm
 def test_scancel_leaves_a_resumable_run_that_says_how_to_resume(jobs):
-    from pipeline.checkpoint import latest_complete
+    from pipeline.train.checkpoint import latest_complete
 
     run = jobs["cancelled"]
     run.wait_for_hang()

@@ -405,7 +405,7 @@ def _check_slurm(launch: LaunchConfig) -> None:
 
 
 def _check_finetune(config: Config) -> None:
-    from .adapt import INTERP_METHODS, REL_POS_METHODS
+    from pipeline.model.adapt import INTERP_METHODS, REL_POS_METHODS
 
     f = config.finetune
     _one_of("finetune.pos_embed_method", f.pos_embed_method, INTERP_METHODS)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from pipeline import cli
-from pipeline.adapt import load_adapted
+from pipeline.model.adapt import load_adapted
 from pipeline.config import load_config
-from pipeline.data import DeviceNormalize, RankData, plan_data
-from pipeline.models import create_model
-from pipeline.weights import consolidate, load_file
+from pipeline.data.stream import DeviceNormalize, RankData, plan_data
+from pipeline.model.factory import create_model
+from pipeline.finetune.consolidate import consolidate, load_file
 from tests.conftest import ROOT, run_cli
 
 FINETUNE = ROOT / "configs/finetune/digits_vit.yaml"

@@ -5,7 +5,7 @@ Why not DeepSpeed's ``zero_to_fp32`` as it is: it ``torch.load``s every file wit
 loaded with ``weights_only=True``, allowing only the few plain DeepSpeed types its pickles contain
 (``SAFE_GLOBALS``), and the tensors are handed to ``zero_to_fp32``'s own merge functions, which do the
 ZeRO-1/2/3 reassembly (partition order, alignment padding, shared and frozen parameters). Those are
-private functions of the locked DeepSpeed version; ``tests/test_finetune.py`` checks the result on real
+private functions of the locked DeepSpeed version; ``tests/e2e/test_finetune.py`` checks the result on real
 checkpoints of every stage.
 
 Where the fp32 weights are, by stage:
@@ -146,9 +146,9 @@ def _stage0(states: dict, precision: str, tag_dir: Path) -> dict[str, Tensor]:
 def _param_group_names(tag_dir: Path) -> list[list[str]]:
     """Names per optimizer param group, as the run that wrote the checkpoint grouped them (pipeline/engine.py),
     on a model built on the meta device (no memory, no init cost)."""
-    from .config import ConfigError, from_yaml_file
-    from .engine import param_groups
-    from .models import create_model
+    from pipeline.config import ConfigError, from_yaml_file
+    from pipeline.train.engine import param_groups
+    from pipeline.model.factory import create_model
 
     run_config = tag_dir.parent.parent / "config.yaml"
     if not run_config.exists():

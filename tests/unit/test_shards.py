@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import shards
-from pipeline.shards import ShardSpec, main, read_manifest, shard_paths, write_digits, write_imagefolder, write_split
+from pipeline.data import writer as shards
+from pipeline.data.writer import ShardSpec, main, read_manifest, shard_paths, write_digits, write_imagefolder, write_split
 
 
 def _tar_samples(path: Path) -> dict[str, dict[str, bytes]]:

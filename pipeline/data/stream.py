@@ -447,7 +447,7 @@ def build_transforms(config, img_size: int, training: bool):
     than float32 tensors. ``accelerate`` then swaps in a faster random resized crop (pipeline/transforms.py)."""
     from timm.data import create_transform
 
-    from .transforms import accelerate
+    from pipeline.data.transforms import accelerate
 
     a = config.augment
     kwargs = dict(input_size=img_size, is_training=training, interpolation=a.interpolation,

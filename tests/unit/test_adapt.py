@@ -6,7 +6,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from pipeline.adapt import (
+from pipeline.model.adapt import (
     AdaptationError,
     AdaptationReport,
     adapt_state_dict,

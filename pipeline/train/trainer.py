@@ -24,15 +24,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-from .config import Config, flatten, to_dict
-from .data import DeviceNormalize, RankData, plan_data
-from .ema import create_ema, ema_state, load_ema_state
-from .engine import compute_dtype, create_engine, device, init_distributed
-from .models import count_parameters, create_model, input_size
-from .progress import Progress
-from .telemetry import StepTelemetry
-from .tracking import Tracker, host_tags
+from pipeline.train import checkpoint as ckpt
+from pipeline.config import Config, flatten, to_dict
+from pipeline.data.stream import DeviceNormalize, RankData, plan_data
+from pipeline.train.ema import create_ema, ema_state, load_ema_state
+from pipeline.train.engine import compute_dtype, create_engine, device, init_distributed
+from pipeline.model.factory import count_parameters, create_model, input_size
+from pipeline.tracking.progress import Progress
+from pipeline.tracking.telemetry import StepTelemetry
+from pipeline.tracking.tracker import Tracker, host_tags
 
 log = logging.getLogger("pipeline")
 
@@ -258,7 +258,7 @@ def train(config: Config, run_dir: Path) -> int:
     num_classes = config.model.num_classes or len(plan.classes or [])
     model = create_model(config.model, num_classes)
     if config.run.stage == "finetune":
-        from .finetune import load_pretrained  # the adaptation step (position embeddings etc.)
+        from pipeline.finetune.pretrained import load_pretrained  # the adaptation step (position embeddings etc.)
 
         load_pretrained(model, config, run_dir, is_main=env.rank == 0)
     ema = create_ema(model, config, dev)
@@ -290,7 +290,7 @@ def train(config: Config, run_dir: Path) -> int:
             tracker.log_params(flatten(to_dict(config)))
             tracker.log_artifact(run_dir / "config.yaml")
             if config.run.stage == "finetune":
-                from .finetune import log_lineage
+                from pipeline.finetune.pretrained import log_lineage
 
                 log_lineage(tracker, run_dir)
         restarts = _bump_restarts(run_dir) if resumed_from else 0
@@ -387,7 +387,7 @@ def train(config: Config, run_dir: Path) -> int:
     progress.close()
     if env.rank == 0:
         if config.run.stage == "finetune":  # final weights + config as the run's model, registered in MLflow
-            from .finetune import export_model
+            from pipeline.finetune.pretrained import export_model
 
             export_model(config, run_dir, ckpt.tag_for(loop.step), loop.ema, tracker, final)
         summary = {"step": loop.step, "epochs": config.optim.epochs, "world_size": env.world_size,
@@ -434,7 +434,7 @@ def _bump_restarts(run_dir: Path) -> int:
 
 def run_worker(run_dir: str | Path) -> int:
     """Entry point of one rank, started by a launcher with RANK/WORLD_SIZE/MASTER_* set."""
-    from .config import from_yaml_file
+    from pipeline.config import from_yaml_file
 
     run_dir = Path(run_dir)
     config = from_yaml_file(run_dir / "config.yaml")

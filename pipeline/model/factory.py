@@ -5,7 +5,7 @@ from __future__ import annotations
 import timm
 import torch
 
-from .config import ConfigError, ModelConfig
+from pipeline.config import ConfigError, ModelConfig
 
 
 def is_swin(name: str) -> bool:

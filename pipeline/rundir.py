@@ -10,8 +10,8 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from .config import Config, ConfigError, to_dict, to_yaml
-from .train import SUMMARY_FILE
+from pipeline.config import Config, ConfigError, to_dict, to_yaml
+from pipeline.train.trainer import SUMMARY_FILE
 
 # Keys that may differ when a run is continued: they do not change what is computed.
 RESUMABLE_DIFFERENCES = ("run.name", "run.stop_at_step", "launch.wait", "launch.cluster", "checkpoint.keep_last",

@@ -28,8 +28,8 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint as ckpt
-from .config import Config, ConfigError
+from pipeline.train import checkpoint as ckpt
+from pipeline.config import Config, ConfigError
 
 log = logging.getLogger("pipeline")
 
@@ -63,7 +63,7 @@ def resolve_pretrained(config: Config, pretrained: Optional[str], family: str) -
 
 def find_checkpoint(source: Optional[str], config: Config, family: str) -> Path:
     """The complete checkpoint folder --pretrained points at (absolute)."""
-    from .runs import latest_finished
+    from pipeline.rundir import latest_finished
 
     if source is None:
         root = Path(config.run.root)
@@ -105,7 +105,7 @@ def _checkpoint_in(path: Path, what: str) -> Path:
 
 def _run_dir_of(run_id: str, config: Config) -> Path:
     """The run dir an MLflow run was logged from (its run_dir tag) in the project's tracking store."""
-    from .tracking import tracking_uri
+    from pipeline.tracking.tracker import tracking_uri
 
     uri = tracking_uri(config)
     try:
@@ -131,7 +131,7 @@ def _cache_name(tag_dir: Path) -> str:
 
 def convert(tag_dir: Path, cache: Path) -> dict:
     """Full fp32 weights of the checkpoint as safetensors + pretrained.json, once (reused when cached)."""
-    from .weights import CheckpointError, consolidate, save_safetensors
+    from pipeline.finetune.consolidate import CheckpointError, consolidate, save_safetensors
 
     info_path = cache / INFO_FILE
     if info_path.exists() and (cache / WEIGHTS_FILE).exists():
@@ -174,8 +174,8 @@ def check_adaptable(config: Config, weights: Path, tag_dir: Path) -> None:
     a checkpoint of another architecture fails here, not on every rank after launch."""
     from safetensors.torch import load_file
 
-    from .adapt import AdaptationError, adapt_state_dict
-    from .models import create_model
+    from pipeline.model.adapt import AdaptationError, adapt_state_dict
+    from pipeline.model.factory import create_model
 
     with torch.device("meta"):
         model = create_model(config.model, config.model.num_classes)
@@ -203,7 +203,7 @@ def load_pretrained(model: torch.nn.Module, config: Config, run_dir: Path, *, is
     run resumes (its own checkpoint holds the weights). Returns the AdaptationReport, or None."""
     from safetensors.torch import load_file
 
-    from .adapt import load_adapted
+    from pipeline.model.adapt import load_adapted
 
     if ckpt.latest_complete(run_dir / "checkpoints") is not None:
         return None
@@ -247,7 +247,7 @@ def export_model(config: Config, run_dir: Path, tag: str, ema, tracker, final: d
     """run_dir/model/: the final fp32 weights (from the final checkpoint, so exact for any ZeRO stage and
     precision), the EMA weights when kept, and the resolved config; logged as the run's ``model`` artifact
     and registered under finetune.register_as."""
-    from .weights import consolidate, save_safetensors
+    from pipeline.finetune.consolidate import consolidate, save_safetensors
 
     out = run_dir / MODEL_DIR
     out.mkdir(exist_ok=True)
@@ -284,7 +284,7 @@ def register(config: Config, run_id: Optional[str], run_dir: Path) -> Optional[s
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        from .tracking import tracking_uri
+        from pipeline.tracking.tracker import tracking_uri
 
         client = MlflowClient(tracking_uri=tracking_uri(config))
         try:

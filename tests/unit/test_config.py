@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import ConfigError, load_config, to_yaml
-from pipeline.engine import deepspeed_config
+from pipeline.train.engine import deepspeed_config
 from tests.conftest import ROOT, run_cli
 
 DEMO = ROOT / "configs/pretrain/digits_vit.yaml"

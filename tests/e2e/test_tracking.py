@@ -19,9 +19,9 @@ import pytest
 from launch.local import free_port
 from pipeline import cli
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.runs import write_config
-from pipeline.telemetry import forward_flops_per_image, node_name, peak_tflops
-from pipeline.tracking import RUN_ID_FILE, SPOOL_FILE, Spool, Tracker, pipeline_run, readable_run_name
+from pipeline.rundir import write_config
+from pipeline.tracking.telemetry import forward_flops_per_image, node_name, peak_tflops
+from pipeline.tracking.tracker import RUN_ID_FILE, SPOOL_FILE, Spool, Tracker, pipeline_run, readable_run_name
 from tests.conftest import ROOT, run_cli
 
 NAME_RE = r"\d{4}-\d\d-\d\d \d\d:\d\d"  # the date part of a readable run name

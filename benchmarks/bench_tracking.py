@@ -72,8 +72,8 @@ def _percentiles(samples_s: list[float]) -> dict[str, float]:
 def bench_tracker(uri: str, root: Path, name: str, steps: int, metrics: int, drain: bool) -> dict:
     """Our tracker: time per log_metrics call on the calling thread, then (server up) the time and the
     process CPU time the background thread needs to send the backlog."""
-    from .config import Config
-    from .tracking import Tracker
+    from pipeline.config import Config
+    from pipeline.tracking.tracker import Tracker
 
     config = Config()
     config.run.root = str(root)
@@ -131,8 +131,8 @@ def bench_telemetry(steps: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from .config import Config
-    from .telemetry import StepTelemetry
+    from pipeline.config import Config
+    from pipeline.tracking.telemetry import StepTelemetry
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import torch
 
-from .config import Config, check_batch
+from pipeline.config import Config, check_batch
 
 
 @dataclass
