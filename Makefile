@@ -4,9 +4,12 @@
 #   make finetune [PRETRAINED=<run dir|checkpoint dir|MLflow run id>] [CONFIG=...] [ARGS=...]
 #   make pipeline [PRETRAIN_CONFIG=... FINETUNE_CONFIG=...] [ARGS=...]   (Slurm: ARGS="launch.cluster=slurm ...")
 #   make shards [SHARDS_ARGS="--source /path/to/imagefolder --out data/mine --max-side 512"]
-#   make test | make ui [HOST=127.0.0.1 PORT=5000]
+#   make test | make test-fast | make lint | make ui [HOST=127.0.0.1 PORT=5000]
 
 SHELL := /bin/bash
+# No brace expansion in recipes: ARGS="data.train_shards=x/train-{0000..0007}.tar" reaches the CLI as typed
+# (bash would turn it into eight overrides). Quotes and spaces in ARGS work as in a shell.
+.SHELLFLAGS := +B -c
 PRETRAIN_CONFIG ?= configs/pretrain/digits_vit.yaml
 FINETUNE_CONFIG ?= configs/finetune/digits_vit.yaml
 ARGS ?=
@@ -22,7 +25,7 @@ RUN := $(UV) run --locked --no-sync python
 LAUNCH_ARGS = $(if $(NPROC),launch.nproc=$(NPROC))
 DEMO_SHARDS := data/digits/manifest.json
 
-.PHONY: setup pretrain finetune pipeline shards test ui bench
+.PHONY: setup pretrain finetune pipeline shards test test-fast lint ui bench
 
 setup: .venv/.synced
 
@@ -50,11 +53,20 @@ finetune: setup $(DEMO_SHARDS)
 pipeline: setup $(DEMO_SHARDS)
 	$(RUN) -m pipeline pipeline --pretrain-config $(PRETRAIN_CONFIG) --finetune-config $(FINETUNE_CONFIG) $(LAUNCH_ARGS) $(ARGS)
 
+# everything: unit, end-to-end (real DeepSpeed processes, MLflow server, browser) and the Slurm cluster tests
 test: setup
 	$(RUN) -m pytest $(PYTEST_ARGS)
 
+# the inner loop: unit tests only (about two minutes on 2 cores)
+test-fast: setup
+	$(RUN) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: setup
+	$(UV) run --locked --no-sync ruff check .
+	$(UV) run --locked --no-sync ruff format --check .
+
 bench: setup
-	$(RUN) -m pipeline bench --config $(or $(CONFIG),configs/bench/cpu_vit_tiny.yaml) $(ARGS)
+	$(RUN) -m benchmarks.bench --config $(or $(CONFIG),configs/bench/cpu_vit_tiny.yaml) $(ARGS)
 
 ui: setup
 	$(RUN) -m pipeline ui --host $(HOST) --port $(PORT)

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ConfigError, load_config
+from pipeline.train.engine import compute_dtype, create_engine, device
+from pipeline.train.optim import make_optimizer
 
 # ----------------------------------------------------------------------------------------------------
 # The machine
@@ -95,10 +97,11 @@ def write_jpeg_bench_shards(out: Path, count: int = 1536, per_shard: int = 192, 
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
+    from pipeline.data.manifest import MANIFEST_NAME, write_manifest
     from pipeline.data.writer import write_split
 
-    if (out / "manifest.json").exists():
-        return out / "manifest.json"
+    if (out / MANIFEST_NAME).exists():
+        return out / MANIFEST_NAME
     photos = [Image.fromarray(img) for img in load_sample_images().images]  # 427x640 each
     rng = random.Random(seed)
 
@@ -118,10 +121,9 @@ def write_jpeg_bench_shards(out: Path, count: int = 1536, per_shard: int = 192, 
 
     out.mkdir(parents=True, exist_ok=True)
     spec = write_split(samples(), out, "train", samples_per_shard=per_shard, image_format="jpg")
-    manifest = {"format": "webdataset", "version": 1, "classes": [str(i) for i in range(10)], "num_classes": 10,
-                "image_format": "jpg", "splits": {"train": spec.to_manifest()}, "source": "sklearn sample photos"}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out / "manifest.json"
+    return write_manifest(out, classes=[str(i) for i in range(10)], image_format="jpg",
+                          splits={"train": spec.to_manifest()}, source="sklearn sample photos",
+                          settings={"count": count, "per_shard": per_shard, "sides": list(sides), "seed": seed})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,7 +149,8 @@ def _raw_samples(shards: list[str]):
 def bench_bare(shards: list[str], transform, images: int, batch_size: int = 32) -> float:
     """Decode + transform + batch in a plain loop over the tar files, on one thread like one loader worker
     (DataLoader workers run torch single-threaded too): what the loader would cost with no streaming."""
-    from pipeline.data.stream import BatchBuilder, decode_sample
+    from pipeline.data.batch import BatchBuilder
+    from pipeline.data.samples import decode_sample
 
     lazy = getattr(transform, "lazy_decode", False)
     threads = torch.get_num_threads()
@@ -190,7 +193,7 @@ def _time_loader(loader, images: int) -> float:
 
 
 def bench_pipeline_loader(config, plan, images: int) -> float:
-    from pipeline.data.stream import RankData
+    from pipeline.data.loader import RankData
 
     data = RankData(config, plan, 0, 1, config.model.img_size or 224, pin_memory=False)
     return _time_loader(data.train_batches(epoch=0), images)
@@ -210,16 +213,6 @@ def bench_timm_wds(config, plan, transform, images: int) -> float:
 
 # ----------------------------------------------------------------------------------------------------
 # Training step
-
-
-def flops_per_image(model: torch.nn.Module, img_size: int) -> float:
-    """Forward+backward FLOPs for one image (3x the counted forward)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(1, 3, img_size, img_size))
-    return 3.0 * counter.get_total_flops()
 
 
 def _synthetic(config, dev: torch.device, dtype: torch.dtype):
@@ -267,10 +260,8 @@ def interleaved(timers: list[StepTimer], steps: int, warmup: int, rounds: int) -
 
 def deepspeed_step(config, model):
     """One optimizer step of the engine as training uses it (the boundary ``engine.step`` is "optimizer")."""
-    from pipeline.train.engine import compute_dtype, create_engine, device
-
     dev, dtype = device(), compute_dtype(config)
-    engine, _, _ = create_engine(model, config, 1, total_steps=10**6, warmup_steps=0)
+    engine = create_engine(model, make_optimizer(model, config, dev), config, 1)
     images, labels = _synthetic(config, dev, dtype)
     criterion = torch.nn.CrossEntropyLoss()
     accum = config.optim.grad_accum_steps
@@ -294,8 +285,6 @@ def deepspeed_step(config, model):
 def plain_step(config, model):
     """The same step without DeepSpeed: torch AdamW (same groups and fused setting), autocast for bf16/fp16,
     clipping; a timm ``train.py``-style loop."""
-    from pipeline.train.engine import compute_dtype, device, make_optimizer
-
     dev, dtype = device(), compute_dtype(config)
     model = model.to(dev)
     if config.model.compile:
@@ -327,11 +316,11 @@ def plain_step(config, model):
 
 def bench_data_wait(config, plan, model, steps: int) -> dict:
     """The engine fed by the real loader: how much of the step waits for data."""
-    from pipeline.data.stream import DeviceNormalize, RankData
-    from pipeline.train.engine import compute_dtype, create_engine, device
+    from pipeline.data.loader import RankData
+    from pipeline.data.transforms import DeviceNormalize
 
     dev, dtype = device(), compute_dtype(config)
-    engine, _, _ = create_engine(model, config, 1, total_steps=10**6, warmup_steps=0)
+    engine = create_engine(model, make_optimizer(model, config, dev), config, 1)
     data = RankData(config, plan, 0, 1, config.model.img_size or 224, pin_memory=dev.type == "cuda")
     normalize = DeviceNormalize(config, dev)
     batches = iter(data.train_batches(epoch=0))
@@ -354,7 +343,7 @@ def bench_data_wait(config, plan, model, steps: int) -> dict:
 
 
 def run(config, args) -> dict:
-    from pipeline.data.stream import plan_data
+    from pipeline.data.plan import plan_data
     from pipeline.model.factory import create_model
 
     os.environ.setdefault("RANK", "0")
@@ -390,7 +379,7 @@ def bench_loader(config, plan, img_size: int, images: int, rounds: int) -> dict:
     """The loader rows, each the median of ``rounds`` interleaved measurements."""
     from timm.data import create_transform
 
-    from pipeline.data.stream import build_transforms
+    from pipeline.data.transforms import build_transforms
 
     # The bare float baseline and timm's reader get timm's usual (normalising) transforms; ours ends in
     # uint8 and normalises on the device, which is part of what is being measured.
@@ -427,13 +416,13 @@ def bench_step(config, img_size: int, steps: int, warmup: int, rounds: int) -> d
     ``train.py``-style loop (eager, unfused AdamW, contiguous memory); all from the same initial weights."""
     import copy
 
-    from pipeline.train.engine import compute_dtype, device
     from pipeline.model.factory import create_model
+    from pipeline.tracking.telemetry import forward_flops_per_image
 
     dev, dtype = device(), compute_dtype(config)
     torch.manual_seed(0)
     model = create_model(config.model, config.model.num_classes)
-    flops = flops_per_image(model, img_size)
+    flops = 3.0 * (forward_flops_per_image(model, img_size, config.model.in_chans) or 0)  # forward + backward
     peak = measured_peak_tflops(dtype if dev.type == "cuda" else torch.float32, dev)
     timm_style = copy.deepcopy(config)
     timm_style.model.compile, timm_style.model.channels_last, timm_style.optim.fused = False, False, False
@@ -457,7 +446,7 @@ def bench_step(config, img_size: int, steps: int, warmup: int, rounds: int) -> d
 
 
 def _speed_options(config, dev: torch.device) -> dict:
-    from pipeline.train.engine import use_fused_adamw
+    from pipeline.train.optim import use_fused_adamw
 
     return {"compile": config.model.compile, "channels_last": config.model.channels_last,
             "fused_adamw": use_fused_adamw(config, dev),
@@ -505,7 +494,7 @@ def to_markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/bench/cpu_vit_tiny.yaml")
     parser.add_argument("--out", default="runs/bench", help="folder for bench-<date>.json/.md (default: %(default)s)")
     parser.add_argument("--loader-images", type=int, default=512)
@@ -529,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     if folder.name in BENCH_SETS:
         count, per_shard, sides = BENCH_SETS[folder.name]
         write_jpeg_bench_shards(folder, count, per_shard, sides)
-    from pipeline.data.stream import DataError
+    from pipeline.data.plan import DataError
 
     try:
         results = run(config, args)
@@ -552,7 +541,7 @@ def _log_to_mlflow(config, results: dict, path: Path) -> None:
     """Benchmarks are runs too: one MLflow run per bench in the 'bench' experiment."""
     if not config.tracking.enabled:
         return
-    from pipeline.tracking.tracker import artifact_location, tracking_uri
+    from pipeline.tracking.store import artifact_location, tracking_uri
 
     try:
         from mlflow.entities import Metric, Param
@@ -575,3 +564,7 @@ def _log_to_mlflow(config, results: dict, path: Path) -> None:
         client.set_terminated(run.info.run_id)
     except Exception as exc:  # a benchmark's numbers are already on disk
         print(f"warning: MLflow logging of the benchmark failed: {exc}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

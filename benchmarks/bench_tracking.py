@@ -1,5 +1,5 @@
-"""``python -m pipeline.bench_tracking``: what MLflow tracking costs the training loop, against a real
-``mlflow server`` on loopback (started here with ``python -m pipeline ui``), a dead address, and, for
+"""``make bench-tracking`` (``python -m benchmarks.bench_tracking``): what MLflow tracking costs the training loop,
+against a real ``mlflow server`` on loopback (the one ``make ui`` runs), a dead address, and, for
 comparison, MLflow's own synchronous and asynchronous ``log_batch``.
 
 Why: the training thread must never wait for the tracking store, so the figure that matters is the time a
@@ -15,40 +15,25 @@ import logging
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launch.local import free_port
 
 
 def start_server(root: Path) -> tuple[subprocess.Popen, str]:
-    """The project's own ``python -m pipeline ui`` on a free loopback port; returns once /health answers."""
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    log = open(root / "server.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--root", str(root), "--port", str(port),
-                             "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    end = time.monotonic() + 300
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited {proc.returncode}; see {root / 'server.log'}")
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2):
-                return proc, uri
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError("mlflow server did not answer within 300 s")
+    """The same ``mlflow server`` as ``make ui`` on a free loopback port; returns once /health answers."""
+    from pipeline.tracking.store import default_store
+    from pipeline.tracking.store import start_server as start
+
+    port = free_port()
+    proc = start(default_store(root), root / "mlartifacts", port, root / "server.log", timeout_s=300,
+                 env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def log_step_metrics(n: int, step: int) -> dict[str, float]:
@@ -133,13 +118,12 @@ def bench_telemetry(steps: int) -> dict:
 
     from pipeline.config import Config
     from pipeline.tracking.telemetry import StepTelemetry
+    from pipeline.train.engine import DistEnv
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        config = Config()
-        model = torch.nn.Linear(8, 8)
-        telemetry = StepTelemetry(config, 0, 0, 1, model, 1, torch.device("cpu"))
+        telemetry = StepTelemetry(Config(), DistEnv(0, 0, 1), None, torch.device("cpu"))
         calls = []
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -152,7 +136,7 @@ def bench_telemetry(steps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_tracking", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_tracking", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500, help="log steps per case (default: %(default)s)")
     parser.add_argument("--metrics", type=int, default=40,
                         help="metrics per log step, training scalars + per-node system metrics (default: %(default)s)")
@@ -169,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         proc, uri = start_server(root)
         try:
             results.append(bench_tracker(uri, root, "Tracker.log_metrics, server up", args.steps, args.metrics, True))
-            dead = f"http://127.0.0.1:{_free_port()}"
+            dead = f"http://127.0.0.1:{free_port()}"
             results.append(bench_tracker(dead, root, "Tracker.log_metrics, server down", args.steps, args.metrics,
                                          False))
             results.append(bench_mlflow_log_batch(uri, args.steps, args.metrics, synchronous=True))

@@ -18,7 +18,8 @@ from collections import deque
 from pathlib import Path
 from typing import Sequence
 
-RESUMABLE_EXIT = 3  # a rank that stopped on request after saving a checkpoint
+from launch.env import node_name, rank_environment
+from pipeline.rundir import EXIT_RESUMABLE
 
 
 def free_port() -> int:
@@ -36,18 +37,13 @@ def tail(path: Path, lines: int = 40) -> str:
         return ""
 
 
-def rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
-    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
-            "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-
-
 def run_local(argv: Sequence[str], nproc: int, log_dir: Path, *, grace_s: float = 600.0) -> int:
-    """Start ``argv`` nproc times with RANK/WORLD_SIZE/MASTER_*; return 0, RESUMABLE_EXIT or the failure's code.
+    """Start ``argv`` nproc times with RANK/WORLD_SIZE/MASTER_*; return 0, EXIT_RESUMABLE or the failure's code.
 
     If one rank fails, the others are terminated and the failing rank's log tail is printed.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port, node = free_port(), node_name()
     procs: list[subprocess.Popen] = []
     logs: list[Path | None] = []
     interrupted = {"count": 0}
@@ -62,7 +58,9 @@ def run_local(argv: Sequence[str], nproc: int, log_dir: Path, *, grace_s: float 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for rank in range(nproc):
-            env = {**os.environ, **rank_env(rank, nproc, port)}
+            env = {**os.environ, **rank_environment(rank=rank, local_rank=rank, world_size=nproc,
+                                                    local_world_size=nproc, master_addr="127.0.0.1",
+                                                    master_port=port, node=node)}
             if rank == 0:
                 procs.append(subprocess.Popen(list(argv), env=env))
                 logs.append(None)
@@ -80,7 +78,7 @@ def run_local(argv: Sequence[str], nproc: int, log_dir: Path, *, grace_s: float 
 def _supervise(procs: list[subprocess.Popen], logs: list[Path | None], grace_s: float) -> int:
     while True:
         codes = [p.poll() for p in procs]
-        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, RESUMABLE_EXIT)]
+        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, EXIT_RESUMABLE)]
         if failed:
             rank, code = failed[0]
             _terminate(procs, grace_s=30.0)
@@ -91,7 +89,7 @@ def _supervise(procs: list[subprocess.Popen], logs: list[Path | None], grace_s: 
                 print(f"--- last lines of rank {rank} ---\n{tail(logs[rank])}---", file=sys.stderr)
             return code if code > 0 else 1
         if all(c is not None for c in codes):
-            return RESUMABLE_EXIT if RESUMABLE_EXIT in codes else 0
+            return EXIT_RESUMABLE if EXIT_RESUMABLE in codes else 0
         time.sleep(0.2)
 
 

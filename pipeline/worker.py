@@ -1,56 +1,52 @@
-"""``python -m pipeline.worker RUN_DIR``: one rank of a run, started by a launcher (local or Slurm)."""
+"""One rank of a run: ``python -m pipeline.worker RUN_DIR`` (local launcher) or ``pipeline.worker:run`` (the
+Slurm task calls it). The composition root: it reads the run's config, joins the process group the launcher
+described, and gives the Trainer the stage's hooks."""
+
+from __future__ import annotations
 
 import logging
 import os
 import sys
-import time
 
 
-def main() -> int:
-    if len(sys.argv) != 2:
-        print("usage: python -m pipeline.worker RUN_DIR (started by the launchers, not by hand)", file=sys.stderr)
-        return 2
-    return run(sys.argv[1])
+def stage_hooks(stage: str) -> list:
+    """What a stage adds to the one training loop (pipeline/train/hooks.py)."""
+    if stage == "finetune":
+        from pipeline.finetune.hooks import FinetuneHooks
+
+        return [FinetuneHooks()]
+    return []
 
 
 def run(run_dir: str) -> int:
-    """One rank in this process: the entry point the Slurm launcher calls ("pipeline.worker:run")."""
+    """0: the run is complete; 3 (EXIT_RESUMABLE): stopped with a checkpoint to resume from."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import torch.distributed as dist
     from deepspeed.utils import logger as ds_logger
 
+    from pipeline.rundir import RunDir
+    from pipeline.train.engine import init_distributed
+    from pipeline.train.trainer import Trainer
+
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's per-rank INFO lines drown the progress output
-    from pipeline.train.trainer import run_worker
+    folder = RunDir(run_dir)
+    config = folder.load_config()
+    env = init_distributed(config)
+    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{env.rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+    try:
+        return Trainer(config, folder, env, stage_hooks(config.run.stage)).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-    return run_worker(run_dir)
 
-
-READY_FILE = "pretrained.ready"
-
-
-def run_after_pretrain(run_dir: str, family: str, poll_s: float = 1.0) -> int:
-    """Entry of a fine-tune job chained after its pretraining job (Slurm afterok): the pretrained weights
-    exist only once that job has finished, so rank 0 converts them here, once (a requeued job finds them),
-    while the other ranks wait for it; then every rank trains as usual."""
-    from pathlib import Path
-
-    path = Path(run_dir)
-    ready = path / READY_FILE
-    if int(os.environ.get("RANK", "0")) == 0 and not ready.exists():
-        from pipeline.config import ConfigError
-        from pipeline.finetune.pretrained import resolve_pretrained
-        from pipeline.rundir import is_complete, load_saved, write_config
-
-        config = load_saved(path)
-        source = Path(config.finetune.pretrained or "")
-        if not is_complete(source):
-            raise ConfigError(f"the pretraining run {source} did not finish (no summary.json): resume it, then "
-                              f"start the fine-tune (make finetune PRETRAINED={source})")
-        resolve_pretrained(config, str(source), family)
-        write_config(path, config)
-        ready.write_text(str(config.finetune.weights))
-    while not ready.exists():  # rank 0 failing ends the job (srun --kill-on-bad-exit)
-        time.sleep(poll_s)
-    return run(run_dir)
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m pipeline.worker RUN_DIR (started by the launchers, not by hand)", file=sys.stderr)
+        return 2
+    return run(argv[0])
 
 
 if __name__ == "__main__":

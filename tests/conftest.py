@@ -13,10 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every end-to-end test is slow (real processes); ``make test-fast`` runs tests/unit alone."""
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
     """The digits demo written as shards (train 4 x 400, val 1 x 300), once per test session."""
-    from pipeline.data.writer import write_digits
+    from pipeline.data.sources import write_digits
 
     out = tmp_path_factory.mktemp("digits")
     write_digits(out, samples_per_shard=400)

@@ -147,10 +147,11 @@ def _param_group_names(tag_dir: Path) -> list[list[str]]:
     """Names per optimizer param group, as the run that wrote the checkpoint grouped them (pipeline/engine.py),
     on a model built on the meta device (no memory, no init cost)."""
     from pipeline.config import ConfigError, from_yaml_file
-    from pipeline.train.engine import param_groups
+    from pipeline.rundir import RunDir
     from pipeline.model.factory import create_model
+    from pipeline.train.optim import param_groups
 
-    run_config = tag_dir.parent.parent / "config.yaml"
+    run_config = RunDir(tag_dir.parent.parent).config
     if not run_config.exists():
         raise CheckpointError(f"{tag_dir}: a ZeRO-0 low-precision checkpoint needs its run's config.yaml "
                               f"(looked for {run_config}) to lay out the fp32 master weights")

@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from timm.layers import resample_abs_pos_embed, resample_abs_pos_embed_nhwc
 from timm.layers.pos_embed_rel import resize_rel_pos_bias_table as _timm_resize_rel_pos_bias_table
+from torch import Tensor
 
 try:  # the exact function Swin uses to fill its buffer
     from timm.models.swin_transformer import get_relative_position_index as _swin_rel_pos_index
@@ -273,22 +272,18 @@ class AdaptationReport:
         return "\n".join(lines)
 
 
-def _unwrap(state_dict: Mapping, model_keys: set[str]) -> dict[str, Tensor]:
-    """Strip common checkpoint containers: {'model'|'state_dict'|'module': sd} and a DDP/DeepSpeed
-    'module.' or torch.compile '_orig_mod.' key prefix (only when *every* key has it)."""
+def _unwrap(state_dict: Mapping) -> dict[str, Tensor]:
+    """Strip checkpoint containers ({'model'|'state_dict'|'module': sd}, nested) and DDP / DeepSpeed 'module.' or
+    torch.compile '_orig_mod.' key prefixes (timm's ``clean_state_dict``)."""
+    from timm.models import clean_state_dict
+
     sd: Mapping = state_dict
     for _ in range(3):
-        for wrapper in ("model", "state_dict", "module"):
-            if isinstance(sd.get(wrapper), Mapping):
-                sd = sd[wrapper]
-                break
-        else:
+        wrapper = next((w for w in ("model", "state_dict", "module") if isinstance(sd.get(w), Mapping)), None)
+        if wrapper is None:
             break
-    sd = dict(sd)
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd) and not any(k.startswith(prefix) for k in model_keys):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
+        sd = sd[wrapper]
+    return clean_state_dict(dict(sd))
 
 
 def _owner(model: torch.nn.Module, key: str) -> torch.nn.Module | None:
@@ -410,79 +405,73 @@ def adapt_state_dict(
         raise ValueError(f"reinit_head must be 'auto', 'always' or None, got {reinit_head!r}")
 
     target = model.state_dict()
-    sd = _unwrap(state_dict, set(target))
+    sd = _unwrap(state_dict)
     report = AdaptationReport(method=method, antialias=antialias)
+    reinit = _head_keys_to_reinit(model, target, sd, reinit_head)
     out: dict[str, Tensor] = {}
     errors: list[str] = []
-
-    # the head is a unit: if any of its tensors mismatches, all of them are reinitialised
-    head_keys: dict[str, list[str]] = {}
-    for p in _head_prefixes(model):
-        keys = [k for k in (f"{p}.weight", f"{p}.bias") if k in target]
-        if keys:
-            head_keys[p] = keys
-    reinit: set[str] = set()
-    for p, keys in head_keys.items():
-        mismatch = any(k in sd and _shape(sd[k]) != _shape(target[k]) for k in keys)
-        if reinit_head == "always" or (reinit_head == "auto" and mismatch):
-            reinit.update(k for k in keys if k in sd)
-
     for k, v in sd.items():
-        if k.endswith(_REBUILT_SUFFIXES):
+        if k.endswith(_REBUILT_SUFFIXES) or k not in target:
             report.dropped.append(k)
-            continue
-        if k not in target:
-            report.dropped.append(k)
-            continue
-        t = target[k]
-        if k in reinit:
-            report.reinitialized.append((k, _shape(v), _shape(t)))
-            continue
-        if not isinstance(v, Tensor):
+        elif k in reinit:
+            report.reinitialized.append((k, _shape(v), _shape(target[k])))
+        elif not isinstance(v, Tensor):
             errors.append(f"{k}: checkpoint value is {type(v).__name__}, not a tensor")
-            continue
-        same = _shape(v) == _shape(t)
-        leaf = k.rsplit(".", 1)[-1]
-        try:
-            if leaf.endswith("pos_embed") and v.ndim == 3 and (not same or (old_grid is not None and leaf == "pos_embed")):
-                new = _adapt_token_pos_embed(k, v, t, _owner(model, k), old_grid if leaf == "pos_embed" else None,
-                                             method, antialias)
-            elif leaf.endswith("pos_embed") and v.ndim == 4 and not same:
-                # NHWC (1, H, W, C): timm's nhwc helper is exactly this; validate first
-                if v.shape[0] != 1 or t.ndim != 4 or v.shape[-1] != t.shape[-1]:
-                    raise AdaptationError(f"{k}: checkpoint {_shape(v)} vs model {_shape(t)}")
-                new = resample_abs_pos_embed_nhwc(v, new_size=list(t.shape[1:3]), interpolation=method,
-                                                  antialias=antialias)
-            elif leaf == _REL_TABLE_SUFFIX and not same:
-                new = _adapt_rel_table(k, v, t, _owner(model, k), rel_pos_method)
-            elif same:
-                out[k] = v
+        else:
+            try:
+                new = _adapt_tensor(k, v, target[k], model, old_grid, method, antialias, rel_pos_method)
+            except AdaptationError as e:
+                errors.append(str(e))
                 continue
-            elif k.endswith("patch_embed.proj.weight"):
-                raise AdaptationError(
-                    f"{k}: checkpoint {_shape(v)} vs model {_shape(t)}: patch size / embed dim differs; "
-                    f"patch-embedding resampling is not supported, fine-tune with the pretraining patch size")
-            else:
-                raise AdaptationError(f"{k}: checkpoint {_shape(v)} vs model {_shape(t)}")
-        except AdaptationError as e:
-            errors.append(str(e))
-            continue
-        except ValueError as e:  # from the pure functions: attach the key
-            errors.append(f"{k}: {e}")
-            continue
-        if _shape(new) != _shape(t):  # defensive: never hand back a tensor that won't load
-            errors.append(f"{k}: adapted to {_shape(new)} but model expects {_shape(t)}")
-            continue
-        if new is not v:
-            report.adapted.append((k, _shape(v), _shape(new)))
-        out[k] = new
-
+            except ValueError as e:  # from the pure functions: attach the key
+                errors.append(f"{k}: {e}")
+                continue
+            if new is not v:
+                report.adapted.append((k, _shape(v), _shape(new)))
+            out[k] = new
     if errors:
         raise AdaptationError(
             f"{len(errors)} checkpoint tensor(s) cannot be adapted to the model:\n  " + "\n  ".join(errors))
-
     report.missing = [k for k in target if k not in sd and not k.endswith(_REBUILT_SUFFIXES)]
     return out, report
+
+
+def _head_keys_to_reinit(model: torch.nn.Module, target: Mapping, sd: Mapping, reinit_head) -> set[str]:
+    """The head is a unit: if any of its tensors mismatches, all of them are reinitialised."""
+    reinit: set[str] = set()
+    for p in _head_prefixes(model):
+        keys = [k for k in (f"{p}.weight", f"{p}.bias") if k in target]
+        mismatch = any(k in sd and _shape(sd[k]) != _shape(target[k]) for k in keys)
+        if keys and (reinit_head == "always" or (reinit_head == "auto" and mismatch)):
+            reinit.update(k for k in keys if k in sd)
+    return reinit
+
+
+def _adapt_tensor(k: str, v: Tensor, t: Tensor, model, old_grid, method, antialias, rel_pos_method) -> Tensor:
+    """One checkpoint tensor made to fit the model's (raises AdaptationError naming the key when it cannot)."""
+    same = _shape(v) == _shape(t)
+    leaf = k.rsplit(".", 1)[-1]
+    if leaf.endswith("pos_embed") and v.ndim == 3 and (not same or (old_grid is not None and leaf == "pos_embed")):
+        new = _adapt_token_pos_embed(k, v, t, _owner(model, k), old_grid if leaf == "pos_embed" else None,
+                                     method, antialias)
+    elif leaf.endswith("pos_embed") and v.ndim == 4 and not same:
+        # NHWC (1, H, W, C): timm's nhwc helper is exactly this; validate first
+        if v.shape[0] != 1 or t.ndim != 4 or v.shape[-1] != t.shape[-1]:
+            raise AdaptationError(f"{k}: checkpoint {_shape(v)} vs model {_shape(t)}")
+        new = resample_abs_pos_embed_nhwc(v, new_size=list(t.shape[1:3]), interpolation=method, antialias=antialias)
+    elif leaf == _REL_TABLE_SUFFIX and not same:
+        new = _adapt_rel_table(k, v, t, _owner(model, k), rel_pos_method)
+    elif same:
+        return v
+    elif k.endswith("patch_embed.proj.weight"):
+        raise AdaptationError(
+            f"{k}: checkpoint {_shape(v)} vs model {_shape(t)}: patch size / embed dim differs; "
+            f"patch-embedding resampling is not supported, fine-tune with the pretraining patch size")
+    else:
+        raise AdaptationError(f"{k}: checkpoint {_shape(v)} vs model {_shape(t)}")
+    if _shape(new) != _shape(t):  # defensive: never hand back a tensor that won't load
+        raise AdaptationError(f"{k}: adapted to {_shape(new)} but model expects {_shape(t)}")
+    return new
 
 
 def load_adapted(model: torch.nn.Module, state_dict: dict[str, Tensor], **kw) -> AdaptationReport:

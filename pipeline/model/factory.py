@@ -29,6 +29,15 @@ def model_kwargs(cfg: ModelConfig, num_classes: int) -> dict:
     return kwargs
 
 
+def check_model(cfg: ModelConfig) -> None:
+    """timm knows the name (the schema's own checks ran already, before timm was imported)."""
+    if not timm.is_model(cfg.name):
+        stem = cfg.name.split("_")[0]
+        close = timm.list_models(f"{stem}*")[:8]
+        raise ConfigError(f"model.name={cfg.name!r} is not a timm model; e.g. {', '.join(close) or 'vit_base_patch16_224'}")
+    model_kwargs(cfg, cfg.num_classes or 1)  # raises for settings of another architecture
+
+
 def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     """A randomly initialised timm model (weights never come from a hub: clusters are often offline)."""
     kwargs = model_kwargs(cfg, num_classes)

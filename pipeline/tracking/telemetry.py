@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 from typing import Any, Optional
 
 import torch
@@ -72,9 +71,9 @@ def mfu_percent(images_per_s: float, train_flops_per_image: float, world_size: i
     return 100.0 * images_per_s * train_flops_per_image / (world_size * peak * 1e12)
 
 
-def node_name() -> str:
-    """The short host name, made safe for an MLflow metric key."""
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", socket.gethostname().split(".")[0]) or "node"
+def metric_key_part(name: str) -> str:
+    """A node name (the launcher's, see launch/env.py) made safe for an MLflow metric key."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", name) or "node"
 
 
 class SystemSampler:
@@ -114,14 +113,15 @@ class SystemSampler:
 class StepTelemetry:
     """Built on every rank before training; ``at_log_step`` is a collective every rank must call."""
 
-    def __init__(self, config, rank: int, local_rank: int, world_size: int, model: torch.nn.Module, img_size: int,
-                 dev: torch.device):
-        self.rank, self.world_size = rank, world_size
-        self.node = node_name()
-        self.sampler = SystemSampler() if local_rank == 0 and config.tracking.system_metrics else None
+    def __init__(self, config, env, forward_flops: Optional[int], dev: torch.device):
+        """``env``: the rank's DistEnv (its node name is the one the launcher gave, as in the hosts tag);
+        ``forward_flops``: FLOPs of one forward pass for one image as trained (rank 0; None elsewhere)."""
+        self.rank, self.world_size = env.rank, env.world_size
+        self.node = metric_key_part(env.node)
+        self.sampler = SystemSampler() if env.local_rank == 0 and config.tracking.system_metrics else None
         self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self.device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
-        self.forward_flops = forward_flops_per_image(model, img_size, config.model.in_chans) if rank == 0 else None
+        self.forward_flops = forward_flops
         self.peak = config.tracking.peak_tflops or peak_tflops(self.device_name, config.deepspeed.precision)
 
     def tags(self) -> dict[str, Any]:

@@ -13,19 +13,25 @@ from pipeline.config import Config, check_batch
 
 @dataclass
 class DistEnv:
-    """Where this process sits in the job (from the launcher's environment variables)."""
+    """Where this process sits in the job, as the launcher (local or Slurm, launch/) describes it in the
+    environment: torch's variables plus the node's name and the job's id. Nothing here knows the scheduler."""
 
     rank: int
     local_rank: int
     world_size: int
+    node: str = "localhost"  # the launcher's name for this node (tags and system metrics use it)
+    job_id: str = ""  # the scheduler's job id, "" for a local run
+    attempt: int = 0  # 0 for the first attempt of a job, then 1, 2, ... after requeues
 
     @classmethod
-    def from_environ(cls) -> "DistEnv":
+    def from_environ(cls) -> DistEnv:
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise RuntimeError(f"not started by a launcher: {', '.join(missing)} unset (use 'make pretrain' or "
                                "'python -m pipeline pretrain', which set them)")
-        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]),
+                   os.environ.get("VITPIPE_NODE", "localhost"), os.environ.get("VITPIPE_JOB_ID", ""),
+                   int(os.environ.get("VITPIPE_ATTEMPT", "0")))
 
 
 def init_distributed(config: Config) -> DistEnv:
@@ -74,46 +80,17 @@ def deepspeed_config(config: Config, world_size: int) -> dict:
     }
 
 
-def param_groups(model: torch.nn.Module, config: Config) -> list[dict]:
-    """timm's grouping: no weight decay on norms/biases/pos-embeds; per-layer lr scale when layer_decay is set."""
-    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
-
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    if config.optim.layer_decay is not None:
-        return param_groups_layer_decay(model, config.optim.weight_decay, no_weight_decay_list=skip,
-                                        layer_decay=config.optim.layer_decay)
-    return param_groups_weight_decay(model, config.optim.weight_decay, no_weight_decay_list=skip)
-
-
-def use_fused_adamw(config: Config, dev: torch.device) -> bool:
-    """torch AdamW's fused kernel: on CUDA by default (one launch instead of one per tensor group); on CPU it
-    measured no faster inside DeepSpeed here (docs/performance.md), so it is opt-in there (optim.fused)."""
-    return config.optim.fused if config.optim.fused is not None else dev.type == "cuda"
-
-
-def make_optimizer(model: torch.nn.Module, config: Config, dev: torch.device) -> torch.optim.AdamW:
-    """torch AdamW over timm's groups (fused per ``use_fused_adamw``)."""
-    return torch.optim.AdamW(param_groups(model, config), lr=config.optim.lr, betas=tuple(config.optim.betas),
-                             eps=config.optim.eps, fused=use_fused_adamw(config, dev) or None)
-
-
 def compute_dtype(config: Config) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.deepspeed.precision]
 
 
-def create_engine(model: torch.nn.Module, config: Config, world_size: int, total_steps: int, warmup_steps: int):
-    """(engine, base optimizer, lr schedule). The schedule is timm's warmup + cosine, stepped per update;
-    it stays outside DeepSpeed because its value is a pure function of the step (exact on resume).
-    ``model.compile``: after the EMA copy was taken (train.py), so the EMA stays an eager module."""
+def create_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config, world_size: int):
+    """The DeepSpeed engine around the module and its (torch) optimizer. ``model.compile``: compiled in place after
+    the EMA copy was taken, so the EMA stays an eager module and state-dict keys (checkpoints) are unchanged."""
     import deepspeed
-    from timm.scheduler import CosineLRScheduler
 
-    optimizer = make_optimizer(model, config, device())
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            config=deepspeed_config(config, world_size))
     if config.model.compile:
-        engine.compile()  # the module is compiled in place: state-dict keys (checkpoints) unchanged
-    schedule = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=config.optim.min_lr,
-                                 warmup_t=warmup_steps, warmup_lr_init=config.optim.warmup_lr, warmup_prefix=True,
-                                 t_in_epochs=False)
-    return engine, optimizer, schedule
+        engine.compile()
+    return engine

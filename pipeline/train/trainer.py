@@ -1,10 +1,11 @@
-"""The one training loop, for pretraining and fine-tuning alike; runs once per rank.
+"""The one training loop, for every stage and objective; one ``Trainer`` per rank.
 
-A rank: joins the process group, builds data/model/engine, resumes from the latest complete
-checkpoint of its run directory (model, optimizer, data position, RNG, MLflow run), trains for
-``epochs x steps_per_epoch`` optimizer steps with the same number of steps on every rank, evaluates
-and checkpoints every N steps and at the end, and stops cleanly (checkpoint first) when asked to by a
-signal (Ctrl-C, SIGTERM, Slurm's pre-timeout USR2).
+A rank builds data, model (through the objective) and DeepSpeed engine, resumes from the latest complete
+checkpoint of its run folder (model, optimizer, data position, RNG, MLflow run), trains for ``epochs x
+steps_per_epoch`` optimizer steps with the same number of steps on every rank, evaluates and checkpoints every N
+steps and at the end, and stops cleanly (checkpoint first) when a signal asks it to (Ctrl-C, SIGTERM, Slurm's
+pre-timeout USR2). What differs between objectives is in ``pipeline/train/objectives``; what differs between
+stages comes in through ``StageHooks``; tracking is a component the loop writes to, never waits for.
 """
 
 from __future__ import annotations
@@ -12,438 +13,318 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
-import socket
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from pipeline.train import checkpoint as ckpt
 from pipeline.config import Config, flatten, to_dict
-from pipeline.data.stream import DeviceNormalize, RankData, plan_data
-from pipeline.train.ema import create_ema, ema_state, load_ema_state
-from pipeline.train.engine import compute_dtype, create_engine, device, init_distributed
+from pipeline.data.loader import RankData
+from pipeline.data.plan import plan_data
+from pipeline.data.transforms import DeviceNormalize
+from pipeline.files import atomic_write
 from pipeline.model.factory import count_parameters, create_model, input_size
+from pipeline.rundir import EXIT_RESUMABLE, RunDir
 from pipeline.tracking.progress import Progress
 from pipeline.tracking.telemetry import StepTelemetry
 from pipeline.tracking.tracker import Tracker, host_tags
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.ema import create_ema, ema_state, load_ema_state
+from pipeline.train.engine import DistEnv, compute_dtype, create_engine, device
+from pipeline.train.hooks import StageHooks
+from pipeline.train.objectives import StepContext, build_objective
+from pipeline.train.objectives.base import all_sum
+from pipeline.train.optim import make_optimizer, make_schedule
+from pipeline.train.signals import Fault, StopFlag
 
 log = logging.getLogger("pipeline")
 
-SUMMARY_FILE = "summary.json"
-EXIT_REQUEUE = 3  # the run stopped early on request, with a checkpoint to resume from
-
-
-# ----------------------------------------------------------------------------------------------------
-# Stop requests (signals) -> a checkpoint at the next step boundary, agreed by all ranks
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
-
-
-class StopFlag:
-    """Set by a signal handler; ranks agree on it with one tiny all-reduce per step.
-
-    A Python handler a launcher installed before (the Slurm task's) is chained, not replaced: it is
-    called after the flag is set, and also for a signal only another rank received (forwarded by the
-    agreement), so that the launcher knows why the run stopped (USR2: requeue it)."""
-
-    def __init__(self):
-        self.reason: Optional[str] = None
-        self._group = None
-        self.signals: set[int] = set()
-        self._chained: dict[int, object] = {}
-
-    def install(self, signals=STOP_SIGNALS) -> None:
-        for sig in signals:
-            current = signal.getsignal(sig)
-            if current in (signal.SIG_DFL, signal.default_int_handler, None):
-                signal.signal(sig, self._handle)
-            elif callable(current) and current != self._handle:
-                self._chained[sig] = current
-                signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.reason is not None and signum == signal.SIGINT:  # a second Ctrl-C: really stop now
-            raise KeyboardInterrupt
-        self.reason = signal.Signals(signum).name
-        self.signals.add(signum)
-        if signum in self._chained:
-            self._chained[signum](signum, frame)
-
-    def request(self, reason: str) -> None:
-        self.reason = reason
-
-    def agreed(self) -> bool:
-        """Collective. On a CPU gloo group, so on GPUs the check costs no device sync in the hot loop."""
-        if self._group is None:
-            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-        flags = torch.tensor([1 if self.reason else 0] + [int(s in self.signals) for s in STOP_SIGNALS],
-                             dtype=torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
-        for sig, seen in zip(STOP_SIGNALS, flags[1:].tolist()):
-            if seen and sig not in self.signals:  # another rank got it: tell this rank's launcher too
-                self.signals.add(sig)
-                self.reason = self.reason or f"{signal.Signals(sig).name} on another rank"
-                if sig in self._chained:
-                    self._chained[sig](sig, None)
-        return bool(flags[0].item())
-
-
-STOP = StopFlag()
 
 
 @dataclass
-class Fault:
-    """TEST HOOK, off unless VITPIPE_FAULT is set: "rank=R,step=S[,action=raise|exit|hang]" makes rank R,
-    on reaching step S by training, raise an error (default), die without a traceback (exit, like a
-    crash or an OOM kill), or hold until a stop signal arrives (hang: a step that outlasts a time limit).
-    The tests use it to check how failures and signals are handled on a real cluster."""
+class Window:
+    """What happened since the last log step (loss summed on the device: no sync in the hot loop)."""
 
-    rank: int
-    step: int
-    action: str = "raise"
+    loss: torch.Tensor
+    steps: int = 0
+    skipped: int = 0
+    wait_s: float = 0.0
+    last_error: str = ""
+    start: float = field(default_factory=time.perf_counter)
 
-    @classmethod
-    def from_environ(cls, rank: int) -> Optional["Fault"]:
-        spec = os.environ.get("VITPIPE_FAULT", "").strip()
-        if not spec:
-            return None
-        try:
-            fields = dict(item.split("=", 1) for item in spec.split(","))
-            fault = cls(int(fields.pop("rank")), int(fields.pop("step")), fields.pop("action", "raise"))
-            if fields or fault.action not in ("raise", "exit", "hang"):
-                raise ValueError
-        except (KeyError, ValueError):
-            raise ValueError(f"VITPIPE_FAULT={spec!r}: expected 'rank=R,step=S[,action=raise|exit|hang]' "
-                             "(a test hook; unset it for real runs)") from None
-        return fault if fault.rank == rank else None
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.steps = self.skipped = 0
+        self.wait_s, self.start = 0.0, time.perf_counter()
 
-    def trigger(self) -> None:
-        log.warning("VITPIPE_FAULT: rank %d at step %d: %s (test hook)", self.rank, self.step, self.action)
-        if self.action == "exit":
-            os._exit(17)
-        if self.action == "hang":
-            while STOP.reason is None:  # a signal handler sets it
-                time.sleep(0.1)
+
+class Trainer:
+    def __init__(self, config: Config, run: RunDir, env: DistEnv, hooks: Sequence[StageHooks] = ()):
+        self.config, self.run, self.env, self.hooks = config, run, env, list(hooks)
+        self.is_main = env.rank == 0
+        self.stop = StopFlag()
+        self.fault = Fault.from_environ(env.rank)
+        self.dev, self.dtype = device(), compute_dtype(config)
+        self.step = 0
+        self.resume_tag = ckpt.latest_complete(run.checkpoints)
+
+    # -- building ----------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Data plan, model (wrapped by the objective), EMA, engine, schedule and loaders, on every rank."""
+        from timm.utils import random_seed
+
+        config, env = self.config, self.env
+        self.stop.install()
+        for hook in self.hooks:
+            hook.before_start(self)
+        random_seed(config.run.seed, env.rank)  # timm's Mixup draws from NumPy, drop-path from torch
+        self.plan = plan_data(config, env.world_size)
+        num_classes = config.model.num_classes or len(self.plan.classes or [])
+        model = create_model(config.model, num_classes)
+        if self.resume_tag is None:
+            for hook in self.hooks:
+                hook.on_model_built(model, self)
+        self.objective = build_objective(config, num_classes)
+        self.model, module = model, self.objective.wrap(model)
+        self.ema = create_ema(module, config, self.dev)
+        self.img_size = input_size(model)
+        flops = self.objective.forward_flops(module, self.img_size, config.model.in_chans) if self.is_main else None
+        self.telemetry = StepTelemetry(config, env, flops, self.dev)
+        self.steps_per_epoch = self.plan.steps_per_epoch
+        self.total_steps = max(1, round(config.optim.epochs * self.steps_per_epoch))
+        optimizer = make_optimizer(module, config, self.dev)
+        self.engine = create_engine(module, optimizer, config, env.world_size)
+        self.schedule = make_schedule(optimizer, config, self.total_steps,
+                                      round(config.optim.warmup_epochs * self.steps_per_epoch))
+        self.data = RankData(config, self.plan, env.rank, env.world_size, self.img_size,
+                             pin_memory=self.dev.type == "cuda", require_labels=self.objective.needs_labels)
+        self.normalize = DeviceNormalize(config, self.dev)
+
+    def resume(self) -> None:
+        """Model, optimizer, RNG, data position, objective and EMA state from the latest complete checkpoint."""
+        if self.resume_tag is None:
             return
-        raise RuntimeError(f"VITPIPE_FAULT: injected failure on rank {self.rank} at step {self.step}")
+        state = ckpt.load(self.engine, self.run.checkpoints, self.resume_tag, rank=self.env.rank)
+        if state.get("steps_per_epoch") not in (None, self.steps_per_epoch):
+            raise RuntimeError(f"checkpoint {self.resume_tag} was made with {state['steps_per_epoch']} steps per "
+                               f"epoch, this run has {self.steps_per_epoch}: data or batch size changed")
+        self.step = int(state["step"])
+        self.objective.load_state_dict(state.get("objective") or {})
+        load_ema_state(self.ema, state.get("ema"))
+        if self.is_main:
+            self.run.truncate_train_log(self.step)  # what a killed attempt logged after this checkpoint
 
+    def start_tracking(self) -> None:
+        """The MLflow run (rank 0 sends; created on the first attempt, continued on the next), progress output."""
+        env, config = self.env, self.config
+        hosts = [None] * env.world_size
+        dist.all_gather_object(hosts, env.node)  # the launcher's node names: the same ones system metrics use
+        self.tracker = Tracker(config, self.run.path, enabled=self.is_main, img_size=self.img_size, job_id=env.job_id)
+        self.progress = Progress(self.total_steps, self.step, enabled=self.is_main)
+        if not self.is_main:
+            return
+        if self.resume_tag is None:
+            self.tracker.log_params(flatten(to_dict(config)))
+            self.tracker.log_artifact(self.run.config)
+            for hook in self.hooks:
+                hook.on_tracking_started(self)
+        restarts = self.run.bump_restarts() if self.resume_tag else 0
+        params = count_parameters(self.model)
+        self.tracker.set_tags({**host_tags(env.world_size, hosts), "restarts": restarts, "parameters": params,
+                               "steps_total": self.total_steps, "objective": self.objective.name,
+                               **self.telemetry.tags()})
+        self.tracker.log_metrics({"restarts": restarts}, self.step)
+        log.info("%s %s (%s): %s params, %d ranks on %s, %d steps (%d/epoch, global batch %d, micro %d), %s",
+                 config.run.stage, config.model.name, self.objective.name, f"{params:,}", env.world_size,
+                 ",".join(sorted(set(hosts))), self.total_steps, self.steps_per_epoch, config.data.batch_size,
+                 config.micro_batch_size(env.world_size),
+                 f"resumed from {self.resume_tag}" if self.resume_tag else "fresh")
 
-# ----------------------------------------------------------------------------------------------------
+    # -- the loop ----------------------------------------------------------------------------------
+    def train(self) -> int:
+        """Returns 0 when the run is complete, EXIT_RESUMABLE when it stopped early with a checkpoint."""
+        self.build()
+        self.resume()
+        self.start_tracking()
+        self.engine.train()
+        window = Window(torch.zeros((), dtype=torch.float64, device=self.dev))
+        accum = self.config.optim.grad_accum_steps
+        skip = (self.step % self.steps_per_epoch) * accum
+        batches = iter(self.data.train_batches(self.step // self.steps_per_epoch, skip_batches=skip))
+        stopped = None
+        while self.step < self.total_steps:
+            self.train_step(batches, window)
+            if self.step % self.config.tracking.log_every_steps == 0 or self.step == self.total_steps:
+                self.log_window(window)
+            stopped = self.after_step()
+            if stopped:
+                break
+        del batches  # stops the loader's workers before the final evaluation starts its own
+        return self.stop_early(stopped) if stopped else self.finish()
 
-
-@dataclass
-class Loop:
-    """Where training is: optimizer steps done, and the plan's fixed numbers."""
-
-    step: int
-    total_steps: int
-    steps_per_epoch: int
-    accum: int
-    history: list = field(default_factory=list)  # (step, loss) at log steps, for summary.json
-    ema: Optional[object] = None  # timm ModelEmaV3 when optim.ema_decay is set (pipeline/ema.py)
-
-    @property
-    def epoch(self) -> int:
-        return self.step // self.steps_per_epoch
-
-
-def _criteria(config: Config, num_classes: int):
-    """timm's losses and Mixup/CutMix, as the augment section asks."""
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    a = config.augment
-    mixup = None
-    if a.mixup > 0 or a.cutmix > 0:
-        mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob,
-                      label_smoothing=a.label_smoothing, num_classes=num_classes)
-        return SoftTargetCrossEntropy(), mixup
-    if a.label_smoothing > 0:
-        return LabelSmoothingCrossEntropy(a.label_smoothing), None
-    return torch.nn.CrossEntropyLoss(), None
-
-
-def _all_sum(values: list[float], dev: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-@torch.no_grad()
-def evaluate(engine, data: RankData, normalize: DeviceNormalize, dev: torch.device, dtype: torch.dtype,
-             img_size: int, num_classes: int) -> dict[str, float]:
-    """Top-1/top-5 over this rank's val shards, summed over ranks. Ranks may hold different numbers
-    of val batches; they agree per batch whether anyone still has one, and a rank without one runs a
-    dummy forward so ZeRO-3's parameter gathers stay matched."""
-    engine.eval()
-    loader = data.val_batches()
-    batches = iter(loader) if loader is not None else iter(())
-    k5 = min(5, num_classes)
-    correct1 = correct5 = count = skipped = 0
-    while True:
-        batch = next(batches, None)
-        flag = torch.tensor([0.0 if batch is None else 1.0], device=dev)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not flag.item():
-            break
-        if batch is None or batch[0].numel() == 0:
-            if batch is not None:
-                skipped += batch[2]
-            engine(torch.zeros(1, 3, img_size, img_size, device=dev, dtype=dtype))
-            continue
-        images, labels, dropped, _ = batch
-        skipped += dropped
-        logits = engine(normalize(images.to(dev), training=False).to(dtype)).float()
-        top = logits.topk(k5, dim=1).indices.cpu()
-        hits = top == labels.view(-1, 1)
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
-        count += labels.numel()
-    del batches, loader
-    engine.train()
-    c1, c5, n, s = _all_sum([correct1, correct5, count, skipped], dev)
-    if n == 0:
-        return {}
-    return {"val_top1": 100.0 * c1 / n, f"val_top{k5}": 100.0 * c5 / n, "val_samples": n, "val_skipped": s}
-
-
-def evaluate_with_ema(engine, ema, data: RankData, normalize: DeviceNormalize, dev: torch.device,
-                      dtype: torch.dtype, img_size: int, num_classes: int) -> dict[str, float]:
-    """evaluate() of the model and, when optim.ema_decay is set, of its EMA weights (fp32) as val_top*_ema."""
-    result = evaluate(engine, data, normalize, dev, dtype, img_size, num_classes)
-    if ema is not None:
-        ema_result = evaluate(ema.module, data, normalize, dev, torch.float32, img_size, num_classes)
-        result.update({f"{k}_ema": v for k, v in ema_result.items() if k.startswith("val_top")})
-    return result
-
-
-def _save(engine, run_dir: Path, loop: Loop, env, config: Config, tracker: Tracker, progress: Progress,
-          reason: str) -> None:
-    client_state = {"step": loop.step, "epoch": loop.epoch, "step_in_epoch": loop.step % loop.steps_per_epoch,
-                    "steps_per_epoch": loop.steps_per_epoch, "world_size": env.world_size, "reason": reason,
-                    "history": loop.history}
-    if loop.ema is not None:
-        client_state["ema"] = ema_state(loop.ema)
-    result = ckpt.save(engine, run_dir / "checkpoints", loop.step, client_state, rank=env.rank,
-                       keep_last=config.checkpoint.keep_last)
-    if env.rank == 0:
-        progress.write(f"checkpoint {result.tag} saved ({reason}) in {result.seconds:.1f}s, "
-                       f"{result.bytes / 2**20:.1f} MiB")
-        tracker.log_metrics({"checkpoint_seconds": result.seconds, "checkpoint_mib": result.bytes / 2**20},
-                            loop.step)
-        tracker.set_tags({"checkpoint.last_path": result.path, "checkpoint.last_step": loop.step,
-                          "checkpoint.last_reason": reason})
-
-
-def train(config: Config, run_dir: Path) -> int:
-    """One rank's whole job. Returns 0 when the run is complete, EXIT_REQUEUE when stopped early."""
-    env = init_distributed(config)
-    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
-                        format=f"[%(asctime)s rank{env.rank}] %(message)s", datefmt="%H:%M:%S", force=True)
-    STOP.install()
-    fault = Fault.from_environ(env.rank)
-    dev = device()
-    dtype = compute_dtype(config)
-    seed_everything(config.run.seed + env.rank)  # timm's Mixup draws from numpy, drop-path from torch
-
-    plan = plan_data(config, env.world_size)
-    num_classes = config.model.num_classes or len(plan.classes or [])
-    model = create_model(config.model, num_classes)
-    if config.run.stage == "finetune":
-        from pipeline.finetune.pretrained import load_pretrained  # the adaptation step (position embeddings etc.)
-
-        load_pretrained(model, config, run_dir, is_main=env.rank == 0)
-    ema = create_ema(model, config, dev)
-    img_size = input_size(model)
-    telemetry = StepTelemetry(config, env.rank, env.local_rank, env.world_size, model, img_size, dev)  # FLOPs, peaks
-    total_steps = max(1, round(config.optim.epochs * plan.steps_per_epoch))
-    warmup_steps = round(config.optim.warmup_epochs * plan.steps_per_epoch)
-    engine, _, schedule = create_engine(model, config, env.world_size, total_steps, warmup_steps)
-    data = RankData(config, plan, env.rank, env.world_size, img_size, pin_memory=dev.type == "cuda")
-    criterion, mixup = _criteria(config, num_classes)
-    normalize = DeviceNormalize(config, dev)
-    loop = Loop(0, total_steps, plan.steps_per_epoch, config.optim.grad_accum_steps, ema=ema)
-
-    tag = ckpt.latest_complete(run_dir / "checkpoints")
-    resumed_from = None
-    if tag is not None:
-        state = ckpt.load(engine, run_dir / "checkpoints", tag, rank=env.rank)
-        if state.get("steps_per_epoch") not in (None, plan.steps_per_epoch):
-            raise RuntimeError(f"checkpoint {tag} was made with {state['steps_per_epoch']} steps per epoch, "
-                               f"this run has {plan.steps_per_epoch}: data or batch size changed")
-        loop.step, loop.history, resumed_from = int(state["step"]), list(state.get("history", [])), tag
-        load_ema_state(loop.ema, state.get("ema"))
-
-    hosts = [None] * env.world_size
-    dist.all_gather_object(hosts, os.environ.get("SLURMD_NODENAME") or socket.gethostname())  # Slurm's node name
-    tracker = Tracker(config, run_dir, enabled=env.rank == 0, img_size=img_size)
-    if env.rank == 0:
-        if resumed_from is None:
-            tracker.log_params(flatten(to_dict(config)))
-            tracker.log_artifact(run_dir / "config.yaml")
-            if config.run.stage == "finetune":
-                from pipeline.finetune.pretrained import log_lineage
-
-                log_lineage(tracker, run_dir)
-        restarts = _bump_restarts(run_dir) if resumed_from else 0
-        tracker.set_tags({**host_tags(env.world_size, hosts), "restarts": restarts,
-                          "parameters": count_parameters(model), "steps_total": total_steps, **telemetry.tags()})
-        tracker.log_metrics({"restarts": restarts}, loop.step)
-        log.info("%s %s: %s params, %d ranks on %s, %d steps (%d/epoch, global batch %d, micro %d), %s",
-                 config.run.stage, config.model.name, f"{count_parameters(model):,}", env.world_size,
-                 ",".join(sorted(set(hosts))), total_steps, plan.steps_per_epoch, config.data.batch_size,
-                 config.micro_batch_size(env.world_size), f"resumed from {resumed_from}" if resumed_from else "fresh")
-
-    progress = Progress(total_steps, loop.step, enabled=env.rank == 0)
-    engine.train()
-    window_loss = torch.zeros((), dtype=torch.float64, device=dev)
-    window_steps = window_skipped = 0
-    window_start, window_wait = time.perf_counter(), 0.0
-    last_error = ""
-    stopped = None
-
-    skip = (loop.step % plan.steps_per_epoch) * loop.accum
-    batches = iter(data.train_batches(loop.epoch, skip_batches=skip))  # runs on through the epochs
-    while loop.step < total_steps:
-        schedule.step_update(loop.step)
-        for _ in range(loop.accum):
+    def train_step(self, batches, window: Window) -> None:
+        """One optimizer step: ``grad_accum_steps`` micro batches through the objective's loss."""
+        accum = self.config.optim.grad_accum_steps
+        self.schedule.step_update(self.step)
+        for micro in range(accum):
             wait_start = time.perf_counter()
             images, labels, dropped, error = next(batches)
-            window_wait += time.perf_counter() - wait_start
-            window_skipped += dropped
-            last_error = error or last_error
-            images = normalize(images.to(dev, non_blocking=True), training=True)
-            labels = labels.to(dev, non_blocking=True)
-            if mixup is not None:
-                images, labels = mixup(images, labels)
-            loss = criterion(engine(images.to(dtype)).float(), labels)
-            engine.backward(loss)
-            engine.step()
-            window_loss += loss.detach() / loop.accum
-        loop.step += 1
-        window_steps += 1
-        if loop.ema is not None:
-            loop.ema.update(engine.module, step=loop.step)
+            window.wait_s += time.perf_counter() - wait_start
+            window.skipped += dropped
+            window.last_error = error or window.last_error
+            images = self.normalize(images.to(self.dev, non_blocking=True), training=True)
+            labels = labels.to(self.dev, non_blocking=True)
+            ctx = StepContext(self.step, micro, self.env.rank, self.config.run.seed, self.dtype, self.dev)
+            loss = self.objective.loss(self.engine, images, labels, ctx)
+            self.engine.backward(loss)
+            self.engine.step()
+            window.loss += loss.detach() / accum
+        self.step += 1
+        window.steps += 1
+        if self.ema is not None:
+            self.ema.update(self.engine.module, step=self.step)
 
-        if loop.step % config.tracking.log_every_steps == 0 or loop.step == total_steps:
-            loss_sum, skipped_sum = _all_sum([window_loss.item(), window_skipped], dev)
-            elapsed = time.perf_counter() - window_start
-            metrics = {"train_loss": loss_sum / env.world_size / window_steps,
-                       "lr": schedule.optimizer.param_groups[0]["lr"] / schedule.optimizer.param_groups[0].get("lr_scale", 1.0),
-                       "grad_norm": _float(engine.get_global_grad_norm()),
-                       "images_per_s": window_steps * config.data.batch_size / elapsed,
-                       "data_wait_fraction": window_wait / elapsed,
-                       "epoch": loop.step / plan.steps_per_epoch, "skipped_samples": skipped_sum}
-            metrics.update(telemetry.at_log_step(  # collective: per-GPU rates, MFU, each node's system load
-                metrics["images_per_s"], window_steps * config.data.batch_size / env.world_size / elapsed,
-                window_wait / elapsed))
-            if env.rank == 0:
-                loop.history.append((loop.step, metrics["train_loss"]))
-                tracker.log_metrics(metrics, loop.step)
-                progress.update(loop.step, metrics)
-                if skipped_sum:
-                    progress.write(f"skipped {int(skipped_sum)} undecodable sample(s) in the last "
-                                   f"{window_steps} steps; last: {last_error}")
-            window_loss.zero_()
-            window_steps = window_skipped = 0
-            window_start, window_wait = time.perf_counter(), 0.0
+    def after_step(self) -> Optional[str]:
+        """Evaluation and checkpoints at their intervals; the stop agreement. Returns why it stops, if it does."""
+        config, step, total = self.config, self.step, self.total_steps
+        if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
+            self.log_eval(self.evaluate())
+        if self.fault is not None:
+            self.fault.maybe_trigger(step, self.stop)
+        if config.run.stop_at_step and step >= config.run.stop_at_step and step < total:
+            self.stop.request(f"run.stop_at_step={config.run.stop_at_step}")
+        if self.stop.agreed():
+            return self.stop.reason
+        if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and step < total:
+            self.save("interval")
+        return None
 
-        if config.eval.every_steps and loop.step % config.eval.every_steps == 0 and loop.step < total_steps:
-            _log_eval(evaluate_with_ema(engine, loop.ema, data, normalize, dev, dtype, img_size, num_classes), loop, tracker, progress, env)
-        if fault is not None and loop.step == fault.step:
-            fault.trigger()
-        if config.run.stop_at_step and loop.step >= config.run.stop_at_step and loop.step < total_steps:
-            STOP.request(f"run.stop_at_step={config.run.stop_at_step}")
-        if STOP.agreed():
-            stopped = STOP.reason or "stop requested on another rank"
-            break
-        if config.checkpoint.every_steps and loop.step % config.checkpoint.every_steps == 0 \
-                and loop.step < total_steps:
-            _save(engine, run_dir, loop, env, config, tracker, progress, "interval")
-    del batches
+    # -- reporting ---------------------------------------------------------------------------------
+    def log_window(self, window: Window) -> None:
+        """Collective: the window's loss and skip counts over the ranks, throughput, telemetry; rank 0 logs."""
+        batch, world = self.config.data.batch_size, self.env.world_size
+        loss_sum, skipped = all_sum([window.loss.item(), window.skipped], self.dev)
+        elapsed = time.perf_counter() - window.start
+        group = self.schedule.optimizer.param_groups[0]
+        metrics = {"train_loss": loss_sum / world / window.steps,
+                   "lr": group["lr"] / group.get("lr_scale", 1.0),
+                   "grad_norm": _finite(self.engine.get_global_grad_norm()),
+                   "images_per_s": window.steps * batch / elapsed, "data_wait_fraction": window.wait_s / elapsed,
+                   "epoch": self.step / self.steps_per_epoch, "skipped_samples": skipped}
+        metrics.update(self.telemetry.at_log_step(  # collective: per-GPU rates, MFU, each node's system load
+            metrics["images_per_s"], window.steps * batch / world / elapsed, window.wait_s / elapsed))
+        if self.is_main:
+            self.run.append_train_log({"step": self.step, "train_loss": metrics["train_loss"], "lr": metrics["lr"]})
+            self.tracker.log_metrics(metrics, self.step)
+            self.progress.update(self.step, metrics)
+            if skipped:
+                self.progress.write(f"skipped {int(skipped)} undecodable sample(s) in the last {window.steps} "
+                                    f"steps; last: {window.last_error}")
+        window.reset()
 
-    if stopped:
-        _save(engine, run_dir, loop, env, config, tracker, progress, f"stop: {stopped}")
-        progress.close()
-        if env.rank == 0:
+    def evaluate(self) -> dict[str, float]:
+        """The objective's evaluation of the model (and of its EMA weights, as ``*_ema``) over the val shards."""
+        result = self._evaluate(self.engine, self.dtype)
+        if self.ema is not None:
+            ema = self._evaluate(self.ema.module, torch.float32)
+            result.update({f"{k}_ema": v for k, v in ema.items() if k not in ("val_samples", "val_skipped")})
+        return result
+
+    @torch.no_grad()
+    def _evaluate(self, module, dtype: torch.dtype) -> dict[str, float]:
+        """Ranks may hold different numbers of val batches: they agree per batch whether anyone still has one,
+        and a rank without one runs the objective's dummy forward, so ZeRO-3's gathers stay matched."""
+        module.eval()
+        ctx = StepContext(self.step, 0, self.env.rank, self.config.run.seed, dtype, self.dev)
+        evaluation = self.objective.evaluation(module, ctx, self.img_size)
+        loader = self.data.val_batches()
+        batches = iter(loader) if loader is not None else iter(())
+        skipped = 0
+        while True:
+            batch = next(batches, None)
+            flag = torch.tensor([0.0 if batch is None else 1.0], device=self.dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if not flag.item():
+                break
+            if batch is None or batch[0].numel() == 0:  # nothing left here, or only a count of skipped samples
+                skipped += batch[2] if batch is not None else 0
+                evaluation.dummy()
+                continue
+            images, labels, dropped, _ = batch
+            skipped += dropped
+            evaluation.add(self.normalize(images.to(self.dev), training=False), labels.to(self.dev))
+        del batches, loader
+        module.train()
+        result = evaluation.result()
+        (skipped,) = all_sum([skipped], self.dev)
+        if result:
+            result["val_skipped"] = skipped
+        if self.is_main:
+            for name, picture in evaluation.pictures().items():
+                self.tracker.log_image(picture, f"{name}_step{self.step:08d}.png")
+        return result
+
+    def log_eval(self, result: dict) -> None:
+        if self.is_main and result:
+            self.tracker.log_metrics(result, self.step)
+            self.progress.write(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
+
+    # -- checkpoints and the end -------------------------------------------------------------------
+    def save(self, reason: str) -> None:
+        """Collective: every rank writes its part; the checkpoint counts once all have (COMPLETE marker)."""
+        state = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
+                 "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
+                 "world_size": self.env.world_size, "reason": reason, "objective": self.objective.state_dict()}
+        if self.ema is not None:
+            state["ema"] = ema_state(self.ema)
+        result = ckpt.save(self.engine, self.run.checkpoints, self.step, state, rank=self.env.rank,
+                           keep_last=self.config.checkpoint.keep_last)
+        if self.is_main:
+            self.progress.write(f"checkpoint {result.tag} saved ({reason}) in {result.seconds:.1f}s, "
+                                f"{result.bytes / 2**20:.1f} MiB")
+            self.tracker.log_metrics({"checkpoint_seconds": result.seconds, "checkpoint_mib": result.bytes / 2**20},
+                                     self.step)
+            self.tracker.set_tags({"checkpoint.last_path": result.path, "checkpoint.last_step": self.step,
+                                   "checkpoint.last_reason": reason})
+
+    def stop_early(self, reason: str) -> int:
+        self.save(f"stop: {reason}")
+        self.progress.close()
+        if self.is_main:
             log.info("stopped at step %d/%d (%s); the run resumes from here when started again",
-                     loop.step, total_steps, stopped)
+                     self.step, self.total_steps, reason)
         dist.barrier()
-        tracker.close()  # bounded wait for the tracking backlog (rank 0), after the other ranks are done
-        return EXIT_REQUEUE
+        self.tracker.close()  # bounded wait for the tracking backlog (rank 0), after the other ranks are done
+        return EXIT_RESUMABLE
 
-    final = evaluate_with_ema(engine, loop.ema, data, normalize, dev, dtype, img_size, num_classes)
-    _log_eval(final, loop, tracker, progress, env)
-    if ckpt.latest_complete(run_dir / "checkpoints") != ckpt.tag_for(loop.step):
-        _save(engine, run_dir, loop, env, config, tracker, progress, "end")
-    progress.close()
-    if env.rank == 0:
-        if config.run.stage == "finetune":  # final weights + config as the run's model, registered in MLflow
-            from pipeline.finetune.pretrained import export_model
-
-            export_model(config, run_dir, ckpt.tag_for(loop.step), loop.ema, tracker, final)
-        summary = {"step": loop.step, "epochs": config.optim.epochs, "world_size": env.world_size,
-                   "final": final, "loss_history": loop.history,
-                   "checkpoint": str(run_dir / "checkpoints" / ckpt.tag_for(loop.step))}
-        ckpt.atomic_write(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
-        tracker.log_artifact(run_dir / SUMMARY_FILE)
-        tracker.finish("FINISHED")
-        log.info("done: step %d, %s", loop.step, ", ".join(f"{k} {v:.2f}" for k, v in final.items()))
-    dist.barrier()
-    tracker.close()  # bounded wait for the tracking backlog (rank 0), after the other ranks are done
-    return 0
-
-
-def _log_eval(result: dict, loop: Loop, tracker: Tracker, progress: Progress, env) -> None:
-    if env.rank == 0 and result:
-        tracker.log_metrics(result, loop.step)
-        progress.write(f"eval at step {loop.step}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
+    def finish(self) -> int:
+        """Final evaluation and checkpoint, the stage's end hooks, then summary.json: the run is complete."""
+        final = self.evaluate()
+        self.log_eval(final)
+        if ckpt.latest_complete(self.run.checkpoints) != ckpt.tag_for(self.step):
+            self.save("end")
+        self.progress.close()
+        if self.is_main:
+            for hook in self.hooks:
+                hook.on_finished(self, final)
+            history = [(r["step"], r["train_loss"]) for r in self.run.read_train_log()]
+            summary = {"step": self.step, "epochs": self.config.optim.epochs, "world_size": self.env.world_size,
+                       "optimizer_steps": self.engine.global_steps, "micro_batches": self.engine.micro_steps,
+                       "objective": self.objective.name, "final": final, "loss_history": history,
+                       "checkpoint": str(self.run.checkpoints / ckpt.tag_for(self.step))}
+            atomic_write(self.run.summary, json.dumps(summary, indent=2))
+            self.tracker.log_artifact(self.run.summary)
+            self.tracker.finish("FINISHED")
+            log.info("done: step %d, %s", self.step, ", ".join(f"{k} {v:.2f}" for k, v in final.items()))
+        dist.barrier()
+        self.tracker.close()
+        return 0
 
 
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _float(value) -> Optional[float]:
+def _finite(value) -> Optional[float]:
     if value is None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _bump_restarts(run_dir: Path) -> int:
-    path = run_dir / "restarts"
-    count = int(path.read_text()) + 1 if path.exists() else 1
-    ckpt.atomic_write(path, str(count))
-    return count
-
-
-def run_worker(run_dir: str | Path) -> int:
-    """Entry point of one rank, started by a launcher with RANK/WORLD_SIZE/MASTER_* set."""
-    from pipeline.config import from_yaml_file
-
-    run_dir = Path(run_dir)
-    config = from_yaml_file(run_dir / "config.yaml")
-    try:
-        return train(config, run_dir)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(run_worker(sys.argv[1]))

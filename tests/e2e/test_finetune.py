@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from pipeline import cli
-from pipeline.model.adapt import load_adapted
 from pipeline.config import load_config
-from pipeline.data.stream import DeviceNormalize, RankData, plan_data
-from pipeline.model.factory import create_model
+from pipeline.data.loader import RankData
+from pipeline.data.plan import plan_data
+from pipeline.data.transforms import DeviceNormalize
 from pipeline.finetune.consolidate import consolidate, load_file
+from pipeline.model.adapt import load_adapted
+from pipeline.model.factory import create_model
 from tests.conftest import ROOT, run_cli
 
 FINETUNE = ROOT / "configs/finetune/digits_vit.yaml"
@@ -40,6 +42,9 @@ def _model_states(tag_dir: Path) -> dict:
 
 STAGES = {  # name: (zero stage, precision, ranks); ZeRO-0 fp32 is the quick pretraining run further down
     "zero0_bf16": (0, "bf16", 1), "zero1_bf16": (1, "bf16", 1), "zero2": (2, "fp32", 2), "zero3": (3, "fp32", 2)}
+# ZeRO-0 low precision keeps one fp32 master group per optimizer param group, laid out as the run grouped them:
+# layer-wise lr decay makes many groups, so that layout is rebuilt from the run's config, not assumed
+EXTRA = {"zero0_bf16": ["optim.layer_decay=0.75"]}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +62,7 @@ def stage_runs(digits_shards, tmp_path_factory):
                          # test the norm's rounding instead of where each partition goes
                          "optim.grad_clip=0",
                          "checkpoint.every_steps=0", "tracking.enabled=false", f"run.root={root}", f"run.name={name}",
-                         cwd=ROOT)
+                         *EXTRA.get(name, []), cwd=ROOT)
         _ok(result)
         tags[name] = root / name / "checkpoints/step00000003"
     return tags
@@ -87,6 +92,8 @@ def test_converted_weights_are_the_training_weights_of_that_step(stage_runs):
     module = _model_states(stage_runs["zero2"])["module"]
     for key, value in converted["zero2"].items():
         assert torch.equal(value, module[key]), key
+    groups = _model_states(stage_runs["zero0_bf16"])["optimizer"]
+    assert len(groups.get("fp32_groups_flat") or groups["fp32_groups"]) > 2, "layer decay: one group per layer"
     for name in ("zero0_bf16", "zero1_bf16"):
         module = _model_states(stage_runs[name])["module"]
         differs = 0

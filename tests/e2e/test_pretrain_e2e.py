@@ -1,8 +1,10 @@
-"""Real 2-process CPU DeepSpeed (ZeRO-2) runs through the CLI: checkpoint, exact resume, MLflow store."""
+"""Real 2-process CPU DeepSpeed (ZeRO-2, 2 micro batches per step) runs through the CLI: checkpoint, exact resume
+(past a partial checkpoint a killed save left), a changed config refused, the MLflow store."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,9 +18,9 @@ STOP_AT = 4
 
 
 def overrides(shards: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    """A tiny ViT on digits, 2 ranks, ZeRO-2, 8 steps, loss logged every step."""
+    """A tiny ViT on digits, 2 ranks x 2 accumulated micro batches of 8, ZeRO-2, 8 steps, loss logged every step."""
     return [f"data.train_shards={shards}/train-{{000000..000003}}.tar", f"data.val_shards={shards}/val-000000.tar",
-            "data.batch_size=32", "data.num_workers=1", "data.shuffle_buffer=64",
+            "data.batch_size=32", "optim.grad_accum_steps=2", "data.num_workers=1", "data.shuffle_buffer=64",
             "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.drop_path_rate=0.1",
             "augment.mixup=0.2",  # exercises the main-process RNG too
             f"optim.epochs={TOTAL_STEPS * 32 / 1497}", "optim.warmup_epochs=0.05",
@@ -35,6 +37,10 @@ def runs(digits_shards, tmp_path_factory):
     results["full"] = run_cli("pretrain", *overrides(digits_shards, root, "full"), cwd=ROOT)
     results["first"] = run_cli("pretrain", *overrides(digits_shards, root, "resumed", f"run.stop_at_step={STOP_AT}"),
                                cwd=ROOT)
+    results["changed"] = run_cli("pretrain", *overrides(digits_shards, root, "resumed", "optim.lr=0.5"), cwd=ROOT)
+    partial = root / "resumed/checkpoints" / f"step{STOP_AT + 1:08d}"  # a save killed half-way: no COMPLETE marker
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
     results["second"] = run_cli("pretrain", *overrides(digits_shards, root, "resumed"), cwd=ROOT)
     return root, results
 
@@ -48,6 +54,8 @@ def test_uninterrupted_run_completes_with_checkpoints_and_eval(runs):
     _ok(results["full"])
     summary = json.loads((root / "full/summary.json").read_text())
     assert summary["step"] == TOTAL_STEPS and summary["world_size"] == 2
+    # DeepSpeed's own counters: one optimizer step per 2 micro batches
+    assert summary["optimizer_steps"] == TOTAL_STEPS and summary["micro_batches"] == 2 * TOTAL_STEPS
     assert summary["final"]["val_samples"] == 300  # both ranks' val shards, each sample once
     tags = sorted(p.name for p in (root / "full/checkpoints").iterdir() if p.is_dir())
     assert tags == ["step00000006", "step00000008"]  # every 3 steps, keep_last=2, and the end
@@ -66,10 +74,22 @@ def test_stopped_run_leaves_a_resumable_checkpoint(runs):
     _ok(results["second"])
 
 
+def test_a_changed_config_is_refused_and_the_run_left_as_it_was(runs):
+    root, results = runs
+    changed = results["changed"]
+    assert changed.returncode == 2 and "optim.lr" in changed.stderr.strip().splitlines()[-1], changed.stderr[-2000:]
+    assert "resumed" in changed.stderr and "lr: 0.5" not in (root / "resumed/config.yaml").read_text()
+
+
 def test_resumed_run_continues_with_the_uninterrupted_losses(runs):
     root, results = runs
     _ok(results["full"])
     _ok(results["second"])
+    assert f"resumed from step{STOP_AT:08d}" in results["second"].stderr, "the partial save is never resumed from"
+    assert not (root / "resumed/checkpoints" / f"step{STOP_AT + 1:08d}").exists(), "a partial save is cleaned up"
+    summary = json.loads((root / "resumed/summary.json").read_text())  # DeepSpeed restores its step count, and
+    assert summary["optimizer_steps"] == TOTAL_STEPS  # this attempt ran 2 micro batches for each remaining step
+    assert summary["micro_batches"] == 2 * (TOTAL_STEPS - STOP_AT)
     full = dict(map(tuple, json.loads((root / "full/summary.json").read_text())["loss_history"]))
     resumed = dict(map(tuple, json.loads((root / "resumed/summary.json").read_text())["loss_history"]))
     assert sorted(resumed) == list(range(1, TOTAL_STEPS + 1))
@@ -94,7 +114,8 @@ def test_mlflow_store_holds_one_run_per_pipeline_run_with_params_and_metrics(run
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.002" and run.data.params["deepspeed.zero_stage"] == "2"
     assert run.data.tags["world_size"] == "2" and run.data.tags["restarts"] == "1"
-    assert len(run.data.tags["git_commit"]) > 0
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["git_commit"] == head and len(head) == 40
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted({m.step for m in losses}) == list(range(1, TOTAL_STEPS + 1))
     for key in ("lr", "grad_norm", "images_per_s", "val_top1", "val_top5", "skipped_samples"):

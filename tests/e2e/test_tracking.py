@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from launch.env import node_name
 from launch.local import free_port
 from pipeline import cli
-from pipeline.config import Config, ConfigError, load_config
-from pipeline.rundir import write_config
-from pipeline.tracking.telemetry import forward_flops_per_image, node_name, peak_tflops
-from pipeline.tracking.tracker import RUN_ID_FILE, SPOOL_FILE, Spool, Tracker, pipeline_run, readable_run_name
+from pipeline.config import Config
+from pipeline.rundir import RunDir
+from pipeline.tracking.journal import Spool
+from pipeline.tracking.tracker import Tracker, pipeline_run
 from tests.conftest import ROOT, run_cli
 
 NAME_RE = r"\d{4}-\d\d-\d\d \d\d:\d\d"  # the date part of a readable run name
@@ -107,55 +108,6 @@ def live(server):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pieces without a server
-
-
-def test_peak_table_matches_device_names_and_precisions():
-    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
-    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
-    assert peak_tflops("NVIDIA H200", "fp16") == 989.0
-    assert peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
-    assert peak_tflops("NVIDIA A100 80GB PCIe", "fp32") == 19.5
-    assert peak_tflops("NVIDIA A10", "bf16") == 125.0
-    assert peak_tflops("NVIDIA A10G", "bf16") is None  # not A10, not A100: unknown rather than wrong
-    assert peak_tflops("Tesla V100-SXM2-32GB", "bf16") is None and peak_tflops("Tesla V100-SXM2-32GB", "fp16") == 125.0
-    assert peak_tflops(None, "bf16") is None  # CPU: no MFU
-
-
-def test_flops_are_counted_for_one_image_without_touching_training_state():
-    import torch
-
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
-    model.train()
-    assert forward_flops_per_image(model, 8, 3) == 2 * 3 * 8 * 8 * 10  # one multiply-add = 2 FLOPs
-    assert model.training
-
-
-def test_readable_run_name():
-    when = time.mktime((2026, 11, 21, 9, 33, 0, 0, 0, -1))
-    assert readable_run_name("pretrain", "vit_tiny_patch16_224", 32, when) == "pretrain vit_tiny 32px 2026-11-21 09:33"
-    assert readable_run_name("finetune", "swin_base_patch4_window7_224.ms_in22k", 224, when).startswith(
-        "finetune swin_base 224px ")
-
-
-def test_tracking_settings_are_checked_with_one_clear_error():
-    with pytest.raises(ConfigError, match=r"tracking\.flush_every_s=0.0 must be > 0"):
-        load_config(None, ["tracking.flush_every_s=0"])
-    with pytest.raises(ConfigError, match=r"tracking\.final_wait_s=-1.0 must be >= 0"):
-        load_config(None, ["tracking.final_wait_s=-1"])
-    with pytest.raises(ConfigError, match=r"tracking\.tracking_uri='localhost:5000' is not an MLflow store URI; use one of http:"):
-        load_config(None, ["tracking.tracking_uri=localhost:5000"])
-
-
-def test_disabled_tracker_writes_nothing(tmp_path):
-    config = tracker_config("http://127.0.0.1:9", tmp_path, "off", enabled=False)
-    tracker = Tracker(config, tmp_path / "run", enabled=True)
-    tracker.log_metrics({"train_loss": 1.0}, 1)
-    tracker.finish()
-    assert tracker.close() and not (tmp_path / "run" / SPOOL_FILE).exists()
-
-
-# ----------------------------------------------------------------------------------------------------
 # The tracker against a real server
 
 
@@ -172,13 +124,13 @@ def test_tracker_survives_a_server_down_at_start_and_killed_mid_run(server, tmp_
     try:
         for step in range(1, 11):
             tracker.log_metrics({"train_loss": 1.0 / step}, step)
-        assert tracker.run_id is None and not (run_dir / RUN_ID_FILE).exists()
+        assert tracker.run_id is None and not RunDir(run_dir).mlflow_run_id.exists()
         assert Spool(run_dir).pending_count() >= 11  # the creation record and ten metric records, on disk
 
         srv.start()
         assert tracker.flush(180), tracker.delivery.last_error
         client = MlflowClient(srv.uri)
-        run_id = (run_dir / RUN_ID_FILE).read_text()
+        run_id = RunDir(run_dir).mlflow_run_id.read_text()
         assert steps_of(client, run_id, "train_loss") == list(range(1, 11))
 
         srv.kill()
@@ -197,18 +149,21 @@ def test_tracker_survives_a_server_down_at_start_and_killed_mid_run(server, tmp_
         tracker.close(wait_s=0)
 
 
-def test_tracker_sends_everything_with_readable_names_tags_and_a_parent_run(live, tmp_path, monkeypatch):
+def git_head() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_tracker_sends_everything_with_readable_names_tags_and_a_parent_run(live, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
     config = tracker_config(live.uri, tmp_path, "unit-batches")
     parent = pipeline_run(config, tmp_path / "pipeline", img_size=32)
     parent_id = parent.wait_for_run_id(120)
     assert parent_id, parent.delivery.last_error
     config.tracking.parent_run_id = parent_id
     run_dir = tmp_path / "child"
-    write_config(run_dir, config)
-    tracker = Tracker(config, run_dir, enabled=True, img_size=32)
+    RunDir(run_dir).write_config(config)
+    tracker = Tracker(config, run_dir, enabled=True, img_size=32, job_id="4242")
     tracker.log_params({f"p{i:03d}": i for i in range(150)})  # more than one log_batch holds
     for step in range(1, 31):
         tracker.log_metrics({"train_loss": 1.0 / step, "lr": 0.1, "grad_norm": None}, step)
@@ -223,14 +178,14 @@ def test_tracker_sends_everything_with_readable_names_tags_and_a_parent_run(live
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
     assert re.fullmatch(rf"pretrain vit_tiny 32px {NAME_RE}", run.info.run_name)
-    assert run.data.tags["mlflow.parentRunId"] == parent_id and run.data.tags["slurm_job_id"] == "4242"
-    assert run.data.tags["run_dir"] == str(run_dir.resolve()) and len(run.data.tags["git_commit"]) >= 7
+    assert run.data.tags["mlflow.parentRunId"] == parent_id and run.data.tags["job_id"] == "4242"
+    assert run.data.tags["run_dir"] == str(run_dir.resolve()) and run.data.tags["git_commit"] == git_head()
     assert len(run.data.params) == 150
     assert steps_of(client, tracker.run_id, "train_loss") == list(range(1, 31))
     assert "grad_norm" not in run.data.metrics and run.data.metrics["system/n1199/cpu_percent"] == 1199.0
     assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["config.yaml"]
-    assert (run_dir / RUN_ID_FILE).read_text() == tracker.run_id
-    assert not (run_dir / SPOOL_FILE).exists(), "a fully sent journal is removed"
+    assert RunDir(run_dir).mlflow_run_id.read_text() == tracker.run_id
+    assert not RunDir(run_dir).spool.exists(), "a fully sent journal is removed"
     parent_run = client.get_run(parent_id)
     assert re.fullmatch(rf"pipeline vit_tiny 32px {NAME_RE}", parent_run.info.run_name)
     assert parent_run.info.status == "FINISHED" and parent_run.data.tags["stage"] == "pipeline"
@@ -244,28 +199,28 @@ def test_unreachable_to_the_end_keeps_a_spool_that_tracking_sync_uploads(live, t
     dead = f"http://127.0.0.1:{free_port()}"
     config = tracker_config(dead, tmp_path, "unit-sync", final_wait_s=1.0)
     run_dir = tmp_path / "run"
-    write_config(run_dir, config)
-    (run_dir / SPOOL_FILE).write_text('{"t":"metr')  # the fragment a crashed attempt may leave
+    RunDir(run_dir).write_config(config)
+    RunDir(run_dir).spool.write_text('{"t":"metr')  # the fragment a crashed attempt may leave
     tracker = Tracker(config, run_dir, enabled=True, img_size=32)
     for step in range(1, 6):
         tracker.log_metrics({"train_loss": 1.0 / step}, step)
     tracker.finish("FINISHED")
     assert tracker.close() is False
     assert "tracking-sync" in caplog.text and str(run_dir) in caplog.text
-    assert (run_dir / SPOOL_FILE).exists() and not (run_dir / RUN_ID_FILE).exists()
+    assert RunDir(run_dir).spool.exists() and not RunDir(run_dir).mlflow_run_id.exists()
 
     assert cli.main(["tracking-sync", str(tmp_path / "nope")]) == 2  # bad input: one line, exit 2
     assert "not a run directory" in capsys.readouterr().err
     assert cli.main(["tracking-sync", str(run_dir), "--timeout", "0"]) == 1  # its store is still down: kept
-    assert "still in" in capsys.readouterr().err and (run_dir / SPOOL_FILE).exists()
+    assert "still in" in capsys.readouterr().err and RunDir(run_dir).spool.exists()
 
     assert cli.main(["tracking-sync", str(run_dir), "--tracking-uri", live.uri]) == 0
     assert "nothing left to send" in capsys.readouterr().err
     client = MlflowClient(live.uri)
-    run_id = (run_dir / RUN_ID_FILE).read_text()
+    run_id = RunDir(run_dir).mlflow_run_id.read_text()
     assert steps_of(client, run_id, "train_loss") == [1, 2, 3, 4, 5]
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert not (run_dir / SPOOL_FILE).exists()
+    assert not RunDir(run_dir).spool.exists()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,7 +244,7 @@ def train_overrides(shards: Path, root: Path) -> list[str]:
 
 
 def _spool_records(run_dir: Path) -> int:
-    path = run_dir / SPOOL_FILE
+    path = RunDir(run_dir).spool
     return path.read_text().count("\n") if path.exists() else 0
 
 
@@ -321,9 +276,9 @@ def outage_run(digits_shards, server, tmp_path_factory):
         client = MlflowClient(srv.uri)
 
         def delivered_past_resume():
-            if not (run_dir / RUN_ID_FILE).exists():
+            if not RunDir(run_dir).mlflow_run_id.exists():
                 return False
-            return max(steps_of(client, (run_dir / RUN_ID_FILE).read_text(), "train_loss") or [0]) > STOP_AT + 1
+            return max(steps_of(client, RunDir(run_dir).mlflow_run_id.read_text(), "train_loss") or [0]) > STOP_AT + 1
 
         _wait_for(delivered_past_resume, 300, "steps of attempt 2 on the server", proc)
         srv.kill()
@@ -376,7 +331,7 @@ def test_training_completes_through_outages_with_every_step_logged(outage_run):
     assert 0 < run.data.metrics["mfu_percent"] < 100
     assert run.data.params["tracking.log_every_steps"] == "1"
     assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "summary.json"}
-    assert not (run_dir / SPOOL_FILE).exists()
+    assert not RunDir(run_dir).spool.exists()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == TOTAL_STEPS
 
@@ -408,7 +363,7 @@ def chromium():
     return CHROMIUM
 
 
-@pytest.mark.slow
+@pytest.mark.browser
 def test_mlflow_ui_shows_the_experiment_runs_charts_and_artifacts(chromium, outage_run, tmp_path):
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import expect, sync_playwright
@@ -446,7 +401,7 @@ def test_mlflow_ui_shows_the_experiment_runs_charts_and_artifacts(chromium, outa
             expect(page.get_by_text(f"system/{node_name()}/cpu_percent").first).to_be_visible()  # per-node section
             page.screenshot(path=str(shot))
 
-            run_id = (outage_run["run_dir"] / RUN_ID_FILE).read_text()  # artifacts are served and previewed
+            run_id = RunDir(outage_run["run_dir"]).mlflow_run_id.read_text()  # artifacts are served and previewed
             page.goto(f"{srv.uri}/#/experiments/{experiment_id}/runs/{run_id}/artifacts?workflowType=machine_learning")
             expect(page.get_by_text("summary.json").first).to_be_visible()
             page.get_by_text("config.yaml").first.click()

@@ -44,7 +44,7 @@ def overrides(shards: Path, root: Path, name: str, *extra: str) -> list[str]:
 
 def test_executor_parameters_follow_the_config_and_profile(tmp_path, monkeypatch):
     """4 nodes x 8 GPUs from the example profile: what submitit gets, and the sbatch script it writes."""
-    from launch.slurm import executor_parameters, make_executor
+    from launch.slurm.params import executor_parameters, make_executor
     from pipeline.config import load_config
 
     config = load_config("configs/pretrain/digits_vit.yaml", [
@@ -79,19 +79,22 @@ def test_executor_parameters_follow_the_config_and_profile(tmp_path, monkeypatch
     assert executor._executor.python.strip("'") == sys.executable  # the job runs this (the .venv) interpreter
 
 
-def test_rank_environment_from_the_job_environment(monkeypatch):
-    """What each task exports for torch.distributed, from Slurm's variables via submitit."""
+def test_task_environment_from_the_job_environment(monkeypatch):
+    """What each task hands its rank: torch.distributed's variables (submitit's TorchDistributedEnvironment on
+    Slurm's variables) plus the neutral node name, job id and attempt that the trainer reads instead of SLURM_*."""
     from submitit.slurm.slurm import SlurmJobEnvironment
 
-    from launch.slurm import master_port, rank_environment
+    from launch.slurm.task import master_port, task_environment
 
     for key, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
                        "SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_JOB_NODELIST": "gpu[07-08]",
-                       "SLURM_RESTART_COUNT": "2"}.items():
+                       "SLURM_RESTART_COUNT": "2", "SLURMD_NODENAME": "gpu08"}.items():
         monkeypatch.setenv(key, value)
-    env = rank_environment(SlurmJobEnvironment())
-    assert env == {"RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "GROUP_RANK": "1",
-                   "MASTER_ADDR": "gpu07", "MASTER_PORT": str(master_port("4242", 2))}
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    env = task_environment(SlurmJobEnvironment(), attempt=2)
+    assert env == {"RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8",
+                   "MASTER_ADDR": "gpu07", "MASTER_PORT": str(master_port("4242", 2)), "VITPIPE_NODE": "gpu08",
+                   "VITPIPE_JOB_ID": "4242", "VITPIPE_ATTEMPT": "2"}
     assert master_port("4242", 2) != master_port("4242", 3)  # a requeued attempt does not reuse the port
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, to_yaml
+from pipeline.config import ConfigError, load_config
 from pipeline.train.engine import deepspeed_config
 from tests.conftest import ROOT, run_cli
 
@@ -19,7 +19,6 @@ DEMO = ROOT / "configs/pretrain/digits_vit.yaml"
     (["deepspeed.zero_stage=4"], r"deepspeed\.zero_stage=4.*0, 1, 2, 3"),
     (["deepspeed.precision=fp8"], r"deepspeed\.precision.*fp32, bf16, fp16"),
     (["optim.warmup_epochs=70"], r"optim\.warmup_epochs=70.*below optim\.epochs=60"),
-    (["model.name=vit_gigantic_banana"], r"model\.name='vit_gigantic_banana' is not a timm model; e\.g\. vit_"),
     (["launch.cluster=k8s"], r"launch\.cluster='k8s'.*local, slurm, auto"),
     (["data.resampled=true"], r"data\.samples_per_epoch"),
     (["launch.cluster=slurm", "launch.gpus_per_node=8", "launch.tasks_per_node=4"], r"tasks_per_node=4.*gpus_per_node=8"),
@@ -51,12 +50,64 @@ def test_deepspeed_json_is_derived_from_the_typed_config():
         deepspeed_config(config, 5)  # the real world size is checked again at start
 
 
-def test_every_shipped_config_is_valid():
-    for path in sorted((ROOT / "configs").rglob("*.yaml")):
-        if path.parent.name == "cluster":
-            continue
-        text = to_yaml(load_config(path))
-        assert "model:" in text, path
+SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "cluster")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_shipped_config_loads_builds_and_says_what_it_is_for(path):
+    """Each config passes every check, its model builds (on the meta device), and its header says what it is for,
+    how long it takes and what it should reach (a config a team cannot judge is not a recipe)."""
+    import torch
+
+    from pipeline.model.factory import check_model, create_model
+
+    config = load_config(path)
+    check_model(config.model)
+    with torch.device("meta"):
+        model = create_model(config.model, config.model.num_classes or 10)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#")).lower()
+    for what in ("what for", "how long", "what it should reach"):
+        assert what in header, f"{path.name}: the header comment lacks '{what}:'"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/cluster").glob("*.yaml")), ids=lambda p: p.stem)
+def test_cluster_profiles_load_and_pass_the_slurm_checks(path):
+    from launch.slurm.params import check_slurm
+
+    config = load_config(DEMO, [f"launch.slurm_profile={path}", "launch.cluster=slurm"])
+    check_slurm(config.launch)
+    assert config.launch.slurm.partition, path
+
+
+def test_the_same_key_twice_is_refused_naming_it():
+    """What a shell's brace expansion of an unquoted shard pattern produces: never 'the last one wins'."""
+    shards = [f"data.train_shards=x/train-{i:04d}.tar" for i in range(8)]
+    with pytest.raises(ConfigError, match=r"override data\.train_shards is given 8 times.*quote a shard pattern"):
+        load_config(DEMO, shards)
+    with pytest.raises(ConfigError, match=r"run\.stage=finetune contradicts the command \(pretrain\)"):
+        load_config(DEMO, ["run.stage=finetune"], stage="pretrain")
+
+
+def test_an_unknown_model_name_is_refused_with_suggestions():
+    from pipeline.model.factory import check_model
+
+    config = load_config(DEMO, ["model.name=vit_gigantic_banana"])  # the schema cannot know timm's names
+    with pytest.raises(ConfigError, match=r"model\.name='vit_gigantic_banana' is not a timm model; e\.g\. vit_"):
+        check_model(config.model)
+
+
+def test_config_errors_come_before_torch_timm_or_deepspeed_are_imported(tmp_path):
+    """The CLI reports a typo without loading the heavy libraries (docs/performance.md has the timing)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.cli import main; rc = main(['pretrain', 'optim.lrr=1']); "
+            "heavy = sorted(m for m in ('torch', 'timm', 'deepspeed', 'webdataset', 'mlflow') if m in sys.modules); "
+            "print(rc, heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split("\n")[0] == "2 []", out.stdout + out.stderr
+    assert "optim.lrr" in out.stderr and "Did you mean" in out.stderr
 
 
 def test_cli_rejects_bad_config_before_any_work(tmp_path):

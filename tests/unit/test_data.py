@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.data.stream import (DataError, RankData, ShardStream, StreamSpec, make_loader, plan_data, usable_workers)
+from pipeline.data.loader import RankData
+from pipeline.data.plan import DataError, plan_data, usable_workers
+from pipeline.data.stream import ShardStream, StreamSpec, make_loader
 from pipeline.data.writer import write_split
 
 
@@ -54,8 +56,9 @@ def sample_ids(batches) -> list[int]:
 
 
 def spec(shards, **kw) -> StreamSpec:
+    """A training stream whose epoch is longer than any test reads (unless epoch_batches is given)."""
     base = dict(shards=tuple(shards), batch_size=4, seed=7, epoch=0, rank=0, world=1, workers=0, training=True,
-                shuffle_buffer=16)
+                shuffle_buffer=16, epoch_batches=10**6)
     base.update(kw)
     return StreamSpec(**base)
 
@@ -137,7 +140,7 @@ def test_missing_shards_are_a_clear_error(tmp_path):
 
 
 def test_rank_data_uses_timm_transforms_and_the_manifest(tmp_path):
-    from pipeline.data.writer import write_digits
+    from pipeline.data.sources import write_digits
 
     write_digits(tmp_path, samples_per_shard=400)
     config = load_config(None, [f"data.train_shards={tmp_path}/train-{{000000..000003}}.tar",
@@ -154,9 +157,16 @@ def test_rank_data_uses_timm_transforms_and_the_manifest(tmp_path):
     assert sum(b[0].shape[0] for b in val) == 300
 
 
-def test_stream_spec_pickles_into_workers(tmp_path):
-    shards = make_shards(tmp_path, [4, 4])
-    assert isinstance(ShardStream(spec(shards), identity).spec.shards, tuple)
+def test_a_stream_pickled_into_a_worker_serves_the_same_batches(tmp_path):
+    """Loader workers get the stream by pickling: what they serve must equal what the original serves."""
+    import itertools
+    import pickle
+
+    shards = make_shards(tmp_path, [6, 6])
+    stream = ShardStream(spec(shards), identity)
+    copy = pickle.loads(pickle.dumps(stream))
+    take = lambda s: sample_ids(itertools.islice(iter(s), 5))  # noqa: E731
+    assert take(copy) == take(stream) and len(take(stream)) == 20
 
 
 def test_resampled_mode_serves_any_number_of_ranks_from_one_shard(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for pipeline.shards: shards must be plain tars that webdataset reads back."""
+"""Tests for the shard writer (pipeline/data/writer.py, sources.py, shards_cli.py): shards must be plain tars that webdataset reads back."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.data import writer as shards
-from pipeline.data.writer import ShardSpec, main, read_manifest, shard_paths, write_digits, write_imagefolder, write_split
+from pipeline.data.manifest import read_manifest
+from pipeline.data.shards_cli import main
+from pipeline.data.sources import write_digits, write_imagefolder
+from pipeline.data.writer import ShardSpec, write_split
 
 
 def _tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
@@ -95,7 +97,7 @@ def test_digits_webdataset_roundtrip(digits_dir: Path):
     m = read_manifest(digits_dir)
     seen: set[str] = set()
     for split in ("train", "val"):
-        urls = shard_paths(digits_dir, split)
+        urls = [str(digits_dir / name) for name in m["splits"][split]["shards"]]
         ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x, empty_check=False).decode("pil")
         n = 0
         for sample in ds:
@@ -273,7 +275,9 @@ def test_cli_help(capsys):
     assert "--samples-per-shard" in capsys.readouterr().out
 
 
-def test_read_manifest_missing(tmp_path: Path):
-    with pytest.raises(FileNotFoundError):
+def test_read_manifest_refuses_a_missing_or_foreign_manifest(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="no shard manifest"):
         read_manifest(tmp_path)
-    assert shards.MANIFEST_NAME == "manifest.json"
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other", "version": 1}))
+    with pytest.raises(ValueError, match="expected format='webdataset'"):
+        read_manifest(tmp_path)

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.data.stream import BatchBuilder, build_transforms, decode_sample
-from pipeline.data.transforms import FastRandomResizedCrop, LoadImage, WorkerTransform, load_rgb
+from pipeline.data.batch import BatchBuilder
+from pipeline.data.samples import decode_sample
+from pipeline.data.transforms import FastRandomResizedCrop, LoadImage, WorkerTransform, build_transforms, load_rgb
 
 
 def _jpeg(width: int, height: int, seed: int = 0) -> bytes:

@@ -1,0 +1,62 @@
+"""``<run dir>/slurm/status.json``: what happened to a run's job last, and Slurm's own view of a job's state."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+from pipeline.files import atomic_write
+
+STATUS_FILE = "status.json"
+ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT")
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT")
+
+
+
+def job_state(job_id: str) -> str:
+    """Slurm's state of a job: squeue while it is active, sacct once it is ending or gone; '' if unknown."""
+    state = ""
+    for cmd in (["squeue", "-h", "-j", str(job_id), "-o", "%T"],
+                ["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        lines = [line.split()[0].rstrip("+") for line in out.stdout.splitlines() if line.strip()]
+        if out.returncode == 0 and lines:
+            state = lines[-1]
+            if state != "COMPLETING":  # after scancel squeue says COMPLETING, sacct already CANCELLED
+                return state
+    return state
+
+
+def active_job(folder: Path) -> Optional[tuple[str, str]]:
+    """(job id, state) of this folder's last job if Slurm still has it queued or running."""
+    job_id = read_status(folder).get("job_id")
+    if not job_id:
+        return None
+    state = job_state(job_id)
+    return (job_id, state) if state in ACTIVE_STATES else None
+
+
+def read_status(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_status(folder: Path, **fields) -> dict:
+    """Merge fields into status.json (atomic replace), with the time."""
+    folder = Path(folder)
+    status = {**read_status(folder), **fields, "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
+    status = {k: v for k, v in status.items() if v is not None}  # None: drop a field
+    if status.get("state") != "FAILED":
+        status.pop("failed_rank", None), status.pop("error", None)
+    atomic_write(folder / STATUS_FILE, json.dumps(status, indent=2) + "\n")
+    return status

@@ -1,0 +1,208 @@
+"""Running a stage (pretrain or finetune) or the whole pipeline, the way the CLI's commands do it.
+
+Everything that can be checked is checked before a process starts or a job is submitted, cheapest first: the
+config (no heavy imports), the data plan, the cluster request, the model name (timm), the pretrained weights.
+Any problem is one line on stderr and exit code 2. Then the run folder is chosen (a new one, or the one to
+resume) and the stage runs locally (launch/local.py) or is submitted to Slurm (launch/slurm/).
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from pipeline.config import Config, ConfigError
+from pipeline.data.plan import DataError
+from pipeline.rundir import EXIT_RESUMABLE, RunDir, choose_run_dir
+
+EXIT_USAGE = 2
+
+
+@dataclass
+class StageRequest:
+    """What the user asked for, as typed (kept to print the command that resumes the run)."""
+
+    stage: str
+    config_path: str
+    overrides: list[str] = field(default_factory=list)
+    pretrained: Optional[str] = None
+
+    def resume_command(self, run: RunDir) -> str:
+        """The command that continues this run (what a user reruns after a cancel or a failure)."""
+        overrides = [o for o in self.overrides if not o.startswith("run.name=")] + [f"run.name={run.name}"]
+        pretrained = f" PRETRAINED={shlex.quote(self.pretrained)}" if self.pretrained else ""
+        return (f"make {self.stage} CONFIG={shlex.quote(self.config_path)}{pretrained} "
+                f"ARGS={shlex.quote(' '.join(overrides))}")
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def resolve_cluster(requested: str) -> str:
+    if requested == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    return requested
+
+
+def prepare(request: StageRequest, resolve_weights: bool = True) -> tuple[Config, str]:
+    """Load, check and complete a stage's config; returns (config, family). Raises ConfigError / DataError.
+    ``resolve_weights=False``: a fine-tune chained after a pretraining job finds its weights in the job."""
+    from pipeline.config import load_config
+    from pipeline.data.plan import plan_data
+
+    config = load_config(request.config_path, request.overrides, stage=request.stage)
+    cluster = resolve_cluster(config.launch.cluster)
+    if cluster != config.launch.cluster:
+        config.launch.cluster = cluster
+        config.check()  # the world size may have changed
+    if cluster == "slurm":
+        from launch.slurm.params import check_slurm
+
+        check_slurm(config.launch)
+    plan = plan_data(config, config.world_size)
+    if config.model.num_classes is None:
+        if not plan.classes:
+            raise ConfigError("model.num_classes is unset and no manifest.json names the classes; set model.num_classes")
+        config.model.num_classes = len(plan.classes)
+    config.data.train_samples = plan.train_samples
+    from pipeline.model.factory import check_model  # timm: seconds to import, so after the cheap checks
+
+    check_model(config.model)
+    family = Path(request.config_path).stem
+    config.tracking.experiment = config.tracking.experiment or family
+    if request.stage == "finetune":
+        config.finetune.register_as = (config.finetune.register_as if config.finetune.register_as is not None
+                                       else f"{family}-finetuned")
+        if resolve_weights:
+            from pipeline.finetune.resolve import resolve_pretrained
+
+            resolve_pretrained(config, request.pretrained, family)
+        else:
+            config.finetune.pretrained = request.pretrained
+    return config, family
+
+
+def open_run(config: Config, family: str) -> tuple[RunDir, bool, Optional[str]]:
+    """(run folder, resuming?, why it must not start). Writes the config of a run that may start."""
+    run, resuming = choose_run_dir(config, family)
+    if resuming and run.is_complete():
+        return run, resuming, "complete"
+    busy = slurm_job_busy(run) if resuming else None
+    if busy:
+        return run, resuming, busy
+    run.write_config(config)  # on resume: the saved one, with only allowed keys changed (run.stop_at_step...)
+    print(f"{'resuming' if resuming else 'new'} {config.run.stage} run: {run}", file=sys.stderr)
+    return run, resuming, None
+
+
+def run_stage(request: StageRequest, print_config: bool = False) -> int:
+    from pipeline.config import to_yaml
+
+    try:
+        config, family = prepare(request)
+        if print_config:
+            print(to_yaml(config), end="")
+            return 0
+        run, _, blocked = open_run(config, family)
+    except (ConfigError, DataError) as exc:
+        return fail(str(exc))
+    if blocked == "complete":
+        print(f"{run} is already complete (summary.json); set run.name=<new name> for a new run", file=sys.stderr)
+        return 0
+    if blocked:
+        return fail(blocked)
+    if config.launch.cluster == "slurm":
+        return run_slurm_stage(config, run, request.resume_command(run))
+    return run_local_stage(config, run)
+
+
+def run_local_stage(config: Config, run: RunDir) -> int:
+    from launch.local import run_local
+
+    code = run_local([sys.executable, "-m", "pipeline.worker", str(run)], config.launch.nproc, run.logs)
+    if code == EXIT_RESUMABLE:
+        print(f"stopped with a checkpoint; run the same command again (or add run.name={run.name}) to resume",
+              file=sys.stderr)
+    elif code == 0:
+        print(f"finished: {run}\n  summary: {run.summary}\n  MLflow: make ui", file=sys.stderr)
+    return code
+
+
+# ----------------------------------------------------------------------------------------------------
+# Slurm
+
+
+def slurm_job_busy(run: RunDir) -> Optional[str]:
+    """A message when Slurm still runs (or queues) a job on this run dir: two jobs must not share it."""
+    if not run.slurm.is_dir():
+        return None
+    from launch.slurm.status import active_job
+
+    active = active_job(run.slurm)
+    if active is None:
+        return None
+    job_id, state = active
+    return (f"{run} already has Slurm job {job_id} ({state}); follow it (squeue -j {job_id}), or scancel "
+            f"{job_id} first, or set run.name=<new name> for a new run")
+
+
+def submit_stage(config: Config, run: RunDir, resume: str, dependency: Optional[str] = None):
+    """Submit one run as one job; prints how to follow it. Raises SubmitError."""
+    from launch.slurm.monitor import describe, submit_run
+
+    job = submit_run(config, run.path, dependency=dependency, resume_hint=resume)
+    print(f"{describe(job)}\n  run:    {run}  (status: {run.slurm / 'status.json'})", file=sys.stderr)
+    return job
+
+
+def run_slurm_stage(config: Config, run: RunDir, resume: str) -> int:
+    """Submit the run as one Slurm job; with launch.wait, follow rank 0 and return the job's exit code."""
+    from launch.slurm.params import SubmitError
+
+    try:
+        job = submit_stage(config, run, resume)
+    except SubmitError as exc:
+        return fail(f"{exc} (check launch.slurm.* / the cluster profile {config.launch.slurm_profile or '(none)'})")
+    if not config.launch.wait:
+        print("  (returns now; add launch.wait=true to follow the job until it ends)", file=sys.stderr)
+        return 0
+    return follow_slurm_job(job, run, resume)
+
+
+def follow_slurm_job(job, run: RunDir, resume: str) -> int:
+    """Stream rank 0 until the job ends; 0 finished, 3 stopped/cancelled with a checkpoint, 1 failed."""
+    from launch.slurm.monitor import explain_failure, wait
+    from launch.slurm.status import write_status
+    from pipeline.train.checkpoint import latest_complete
+
+    try:
+        outcome = wait(job)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job.job_id} keeps running (scancel {job.job_id} stops it, "
+              f"with a checkpoint)", file=sys.stderr)
+        return 130
+    if outcome.status == "completed":
+        print(f"finished: {run} (Slurm job {job.job_id})\n  summary: {run.summary}\n  MLflow: make ui",
+              file=sys.stderr)
+        return 0
+    tag = latest_complete(run.checkpoints)
+    where = f"its latest checkpoint is {run.checkpoints / tag}" if tag else "it has no checkpoint yet"
+    if outcome.status == "failed":
+        print(explain_failure(outcome, run.slurm), file=sys.stderr)
+        write_status(run.slurm, state="FAILED", slurm_state=outcome.state, resume=resume)
+        print(f"once fixed, {'resume' if tag else 'start'} it again ({where}): {resume}", file=sys.stderr)
+        return 1
+    what = {"stopped": "stopped with a checkpoint", "cancelled": "was cancelled",
+            "timeout": "hit its time limit"}.get(outcome.status, f"ended {outcome.state or 'without a result'}")
+    write_status(run.slurm, state=outcome.state or outcome.status.upper(), slurm_state=outcome.state,
+                 resume=resume, message=f"job {what}; {where}")
+    print(f"Slurm job {job.job_id} {what} ({outcome.state}); {where}.\n  resume: {resume}", file=sys.stderr)
+    if outcome.log_tail and outcome.status not in ("stopped", "cancelled"):
+        print(f"--- last lines of rank 0 ---\n{outcome.log_tail}---", file=sys.stderr)
+    return EXIT_RESUMABLE if tag else 1

@@ -1,0 +1,165 @@
+"""``make shards`` / ``python -m pipeline shards``: write WebDataset shards from digits or an ImageFolder tree."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.manifest import MANIFEST_NAME, read_manifest
+from pipeline.data.sources import (
+    _digits_settings,
+    _find_classes,
+    _imagefolder_settings,
+    write_digits,
+    write_imagefolder,
+)
+
+
+class _UsageError(Exception):
+    """A bad command-line value; main() prints it as one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and sys.exit(2)
+        raise _UsageError(message)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m pipeline shards",
+        description=(
+            "Write WebDataset tar shards plus manifest.json from the built-in digits "
+            "demo set or from an ImageFolder tree (<dir>/<class_name>/<images>)."
+        ),
+    )
+    p.add_argument("--source", default="digits",
+                   help="'digits' (default: scikit-learn's 8x8 digits) or a path to an ImageFolder directory")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: data/digits for digits; required for a directory source)")
+    p.add_argument("--samples-per-shard", type=int, default=None,
+                   help="samples per tar shard (default: 200 for digits, 1000 otherwise)")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="ImageFolder only: shrink images so the longer side is at most this (never enlarges)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="fraction of each class held out as 'val', in [0, 1) (default: 1/6 for digits, 0 otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the train/val split and train order (default: 0)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="digits only: output image side in pixels (default: 32)")
+    p.add_argument("--format", dest="image_format", choices=["png", "jpg"], default=None,
+                   help="image encoding in the shards (default: png for digits, jpg otherwise)")
+    p.add_argument("--force", action="store_true",
+                   help="rewrite even if a complete manifest with the same settings exists")
+    return p
+
+
+def _is_up_to_date(out_dir: Path, settings: dict[str, Any]) -> bool:
+    """True if a manifest with identical settings exists and all its shards are present."""
+    try:
+        manifest = read_manifest(out_dir)
+    except (FileNotFoundError, ValueError):
+        return False
+    if manifest.get("settings") != settings:
+        return False
+    return all((out_dir / s).is_file() for split in manifest["splits"].values() for s in split["shards"])
+
+
+def _validated_settings(args: argparse.Namespace) -> tuple[str, Path, dict[str, Any]]:
+    """Turn parsed args into (kind, out_dir, settings) or raise _UsageError naming the option."""
+    is_digits = args.source == "digits"
+    if args.samples_per_shard is not None and args.samples_per_shard < 1:
+        raise _UsageError(f"--samples-per-shard must be an integer >= 1 (got {args.samples_per_shard})")
+    if args.val_fraction is not None and not 0.0 <= args.val_fraction < 1.0:
+        raise _UsageError(f"--val-fraction must be in [0, 1) (got {args.val_fraction})")
+    if args.max_side is not None and args.max_side < 1:
+        raise _UsageError(f"--max-side must be an integer >= 1 (got {args.max_side})")
+    if args.image_size is not None and args.image_size < 1:
+        raise _UsageError(f"--image-size must be an integer >= 1 (got {args.image_size})")
+
+    if is_digits:
+        if args.max_side is not None:
+            raise _UsageError("--max-side applies only to ImageFolder sources; use --image-size for digits")
+        out = Path(args.out or "data/digits")
+        settings = _digits_settings(
+            1 / 6 if args.val_fraction is None else args.val_fraction,
+            args.seed,
+            200 if args.samples_per_shard is None else args.samples_per_shard,
+            32 if args.image_size is None else args.image_size,
+            args.image_format or "png",
+        )
+        return "digits", out, settings
+
+    src = Path(args.source)
+    if not src.is_dir():
+        raise _UsageError(f"--source must be 'digits' or an existing ImageFolder directory (not found: {src})")
+    if not _find_classes(src):
+        raise _UsageError(f"--source {src}: no class subdirectories found (expected {src}/<class_name>/<images>)")
+    if args.image_size is not None:
+        raise _UsageError("--image-size applies only to --source digits; use --max-side for ImageFolder sources")
+    if args.out is None:
+        raise _UsageError("--out is required when --source is a directory")
+    settings = _imagefolder_settings(
+        src,
+        0.0 if args.val_fraction is None else args.val_fraction,
+        args.seed,
+        1000 if args.samples_per_shard is None else args.samples_per_shard,
+        args.max_side,
+        args.image_format or "jpg",
+    )
+    return "imagefolder", Path(args.out), settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns 0 on success, 2 on bad input."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        kind, out, settings = _validated_settings(args)
+    except SystemExit as exc:  # --help: argparse printed it and wants to exit
+        return exc.code if isinstance(exc.code, int) else 0
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    manifest_path = out / MANIFEST_NAME
+    if not args.force and _is_up_to_date(out, settings):
+        print(f"up to date: {manifest_path} (use --force to rewrite)")
+        return 0
+
+    try:
+        if kind == "digits":
+            manifest_path = write_digits(
+                out,
+                val_fraction=settings["val_fraction"],
+                seed=settings["seed"],
+                samples_per_shard=settings["samples_per_shard"],
+                image_size=settings["image_size"],
+                image_format=settings["image_format"],
+            )
+        else:
+            manifest_path = write_imagefolder(
+                args.source,
+                out,
+                val_fraction=settings["val_fraction"],
+                seed=settings["seed"],
+                samples_per_shard=settings["samples_per_shard"],
+                max_side=settings["max_side"],
+                image_format=settings["image_format"],
+            )
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    manifest = read_manifest(manifest_path)
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {len(info['shards'])} shards, {info['num_samples']} samples ({out / info['pattern']})")
+    if manifest.get("skipped_files"):
+        print(f"skipped {manifest['skipped_files']} unreadable image file(s)")
+    print(f"manifest: {manifest_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
