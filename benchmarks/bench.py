@@ -47,9 +47,17 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    info = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(), "cpu": cpu,
-            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__, "timm": timm.__version__, "gpu": None}
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "timm": timm.__version__,
+        "gpu": None,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
@@ -91,8 +99,9 @@ def _sync(dev: torch.device) -> None:
 BENCH_SETS = {"bench_jpeg": (1536, 192, (256, 500)), "bench_jpeg_large": (256, 128, (1200, 2000))}
 
 
-def write_jpeg_bench_shards(out: Path, count: int = 1536, per_shard: int = 192, sides: tuple[int, int] = (256, 500),
-                            seed: int = 0) -> Path:
+def write_jpeg_bench_shards(
+    out: Path, count: int = 1536, per_shard: int = 192, sides: tuple[int, int] = (256, 500), seed: int = 0
+) -> Path:
     """Random crops of the real photos scikit-learn ships, as JPEG shards with a manifest."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
@@ -121,9 +130,14 @@ def write_jpeg_bench_shards(out: Path, count: int = 1536, per_shard: int = 192, 
 
     out.mkdir(parents=True, exist_ok=True)
     spec = write_split(samples(), out, "train", samples_per_shard=per_shard, image_format="jpg")
-    return write_manifest(out, classes=[str(i) for i in range(10)], image_format="jpg",
-                          splits={"train": spec.to_manifest()}, source="sklearn sample photos",
-                          settings={"count": count, "per_shard": per_shard, "sides": list(sides), "seed": seed})
+    return write_manifest(
+        out,
+        classes=[str(i) for i in range(10)],
+        image_format="jpg",
+        splits={"train": spec.to_manifest()},
+        source="sklearn sample photos",
+        settings={"count": count, "per_shard": per_shard, "sides": list(sides), "seed": seed},
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,10 +218,17 @@ def bench_timm_wds(config, plan, transform, images: int) -> float:
 
     root = str(Path(plan.train_shards[0]).parent)
     names = "::".join(os.path.basename(s) for s in plan.train_shards)
-    dataset = create_dataset(f"wds/{Path(root).name}", root=root, split=f"{names}|{plan.train_samples}",
-                             is_training=True, batch_size=config.data.batch_size, transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.data.batch_size,
-                                         num_workers=max(1, config.data.num_workers))
+    dataset = create_dataset(
+        f"wds/{Path(root).name}",
+        root=root,
+        split=f"{names}|{plan.train_samples}",
+        is_training=True,
+        batch_size=config.data.batch_size,
+        transform=transform,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.data.batch_size, num_workers=max(1, config.data.num_workers)
+    )
     return _time_loader(loader, images)
 
 
@@ -244,8 +265,13 @@ class StepTimer:
     def row(self, batch_size: int) -> dict:
         """Medians over the recorded steps: robust to the odd step that shared the CPU with something else."""
         fwd_bwd, opt = statistics.median(self.fwd_bwd), statistics.median(self.optimizer)
-        return {"images_per_s": batch_size / (fwd_bwd + opt), "step_ms": 1e3 * (fwd_bwd + opt),
-                "fwd_bwd_ms": 1e3 * fwd_bwd, "optimizer_ms": 1e3 * opt, "steps_measured": len(self.fwd_bwd)}
+        return {
+            "images_per_s": batch_size / (fwd_bwd + opt),
+            "step_ms": 1e3 * (fwd_bwd + opt),
+            "fwd_bwd_ms": 1e3 * fwd_bwd,
+            "optimizer_ms": 1e3 * opt,
+            "steps_measured": len(self.fwd_bwd),
+        }
 
 
 def interleaved(timers: list[StepTimer], steps: int, warmup: int, rounds: int) -> None:
@@ -357,12 +383,21 @@ def run(config, args) -> dict:
     plan = plan_data(config, 1)
     config.model.num_classes = config.model.num_classes or len(plan.classes or []) or 10
     img_size = config.model.img_size or 224
-    results: dict = {"machine": machine_info(), "config": args.config, "overrides": args.overrides,
-                     "model": config.model.name, "img_size": img_size, "batch_size": config.data.batch_size,
-                     "workers": config.data.num_workers, "precision": config.deepspeed.precision,
-                     "zero_stage": config.deepspeed.zero_stage}
-    print(f"machine: {results['machine']['cpu']} x{results['machine']['cores']}, gpu {results['machine']['gpu']}",
-          file=sys.stderr)
+    results: dict = {
+        "machine": machine_info(),
+        "config": args.config,
+        "overrides": args.overrides,
+        "model": config.model.name,
+        "img_size": img_size,
+        "batch_size": config.data.batch_size,
+        "workers": config.data.num_workers,
+        "precision": config.deepspeed.precision,
+        "zero_stage": config.deepspeed.zero_stage,
+    }
+    print(
+        f"machine: {results['machine']['cpu']} x{results['machine']['cores']}, gpu {results['machine']['gpu']}",
+        file=sys.stderr,
+    )
 
     if not args.skip_loader:
         results["loader"] = bench_loader(config, plan, img_size, args.loader_images, args.rounds)
@@ -371,7 +406,8 @@ def run(config, args) -> dict:
         if not args.skip_loader:
             torch.manual_seed(0)
             results["step"]["with_loader"] = bench_data_wait(
-                config, plan, create_model(config.model, config.model.num_classes), args.steps)
+                config, plan, create_model(config.model, config.model.num_classes), args.steps
+            )
     return results
 
 
@@ -384,9 +420,16 @@ def bench_loader(config, plan, img_size: int, images: int, rounds: int) -> dict:
     # The bare float baseline and timm's reader get timm's usual (normalising) transforms; ours ends in
     # uint8 and normalises on the device, which is part of what is being measured.
     a = config.augment
-    float_transform = create_transform(img_size, is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio),
-                                       hflip=a.hflip, color_jitter=a.color_jitter, auto_augment=a.auto_augment,
-                                       interpolation=a.interpolation)
+    float_transform = create_transform(
+        img_size,
+        is_training=True,
+        scale=tuple(a.scale),
+        ratio=tuple(a.ratio),
+        hflip=a.hflip,
+        color_jitter=a.color_jitter,
+        auto_augment=a.auto_augment,
+        interpolation=a.interpolation,
+    )
     ours = build_transforms(config, img_size, True)
     measure = {
         "bare_float_1core": lambda: bench_bare(plan.train_shards, float_transform, images // 2),
@@ -406,7 +449,8 @@ def bench_loader(config, plan, img_size: int, images: int, rounds: int) -> dict:
     # between rounds by more than the effects measured here.
     loader["pipeline_vs_timm"] = statistics.median(p / t for p, t in zip(measured["pipeline"], measured["timm_wds"]))
     loader["streaming_overhead"] = 1 - statistics.median(
-        p / workers / b for p, b in zip(measured["pipeline"], measured["bare_uint8_1core"]))
+        p / workers / b for p, b in zip(measured["pipeline"], measured["bare_uint8_1core"])
+    )
     loader["rounds"] = measured
     return loader
 
@@ -426,8 +470,10 @@ def bench_step(config, img_size: int, steps: int, warmup: int, rounds: int) -> d
     peak = measured_peak_tflops(dtype if dev.type == "cuda" else torch.float32, dev)
     timm_style = copy.deepcopy(config)
     timm_style.model.compile, timm_style.model.channels_last, timm_style.optim.fused = False, False, False
-    timers = [StepTimer("plain", plain_step(config, copy.deepcopy(model))),
-              StepTimer("deepspeed", deepspeed_step(config, copy.deepcopy(model)))]
+    timers = [
+        StepTimer("plain", plain_step(config, copy.deepcopy(model))),
+        StepTimer("deepspeed", deepspeed_step(config, copy.deepcopy(model))),
+    ]
     speed_options = _speed_options(config, dev)
     if speed_options != _speed_options(timm_style, dev):
         timers.append(StepTimer("timm_style", plain_step(timm_style, copy.deepcopy(model))))
@@ -448,48 +494,70 @@ def bench_step(config, img_size: int, steps: int, warmup: int, rounds: int) -> d
 def _speed_options(config, dev: torch.device) -> dict:
     from pipeline.train.optim import use_fused_adamw
 
-    return {"compile": config.model.compile, "channels_last": config.model.channels_last,
-            "fused_adamw": use_fused_adamw(config, dev),
-            "precision": config.deepspeed.precision}
+    return {
+        "compile": config.model.compile,
+        "channels_last": config.model.channels_last,
+        "fused_adamw": use_fused_adamw(config, dev),
+        "precision": config.deepspeed.precision,
+    }
 
 
 def to_markdown(r: dict) -> str:
     m = r["machine"]
-    lines = [f"### {r['model']} @ {r['img_size']}px, batch {r['batch_size']}, {r['precision']}, "
-             f"ZeRO-{r['zero_stage']}, {r['workers']} loader worker(s)",
-             f"{m['date']} · {m['cpu']} · {m['cores']} cores · GPU: {m['gpu'] or 'none'} · torch {m['torch']}, "
-             f"deepspeed {m['deepspeed']}, timm {m['timm']}", ""]
+    lines = [
+        f"### {r['model']} @ {r['img_size']}px, batch {r['batch_size']}, {r['precision']}, "
+        f"ZeRO-{r['zero_stage']}, {r['workers']} loader worker(s)",
+        f"{m['date']} · {m['cpu']} · {m['cores']} cores · GPU: {m['gpu'] or 'none'} · torch {m['torch']}, "
+        f"deepspeed {m['deepspeed']}, timm {m['timm']}",
+        "",
+    ]
     if "loader" in r:
         lo = r["loader"]
-        lines += ["| loader (median of rounds) | images/s |", "|---|---|",
-                  f"| bare decode+transform, float output (1 core) | {lo['bare_float_1core']:.1f} |",
-                  f"| bare decode+transform, uint8 output (1 core) | {lo['bare_uint8_1core']:.1f} |",
-                  f"| timm WebDataset reader (total / per worker) | {lo['timm_wds']:.1f} / {lo['timm_wds_per_worker']:.1f} |",
-                  f"| this pipeline (total / per worker) | {lo['pipeline']:.1f} / {lo['pipeline_per_worker']:.1f} |",
-                  f"| pipeline / timm (median of per-round ratios) | {lo['pipeline_vs_timm']:.2f}x |",
-                  f"| streaming overhead vs bare uint8 loop (median of per-round ratios) | "
-                  f"{100 * lo['streaming_overhead']:.1f}% |", ""]
+        lines += [
+            "| loader (median of rounds) | images/s |",
+            "|---|---|",
+            f"| bare decode+transform, float output (1 core) | {lo['bare_float_1core']:.1f} |",
+            f"| bare decode+transform, uint8 output (1 core) | {lo['bare_uint8_1core']:.1f} |",
+            f"| timm WebDataset reader (total / per worker) | {lo['timm_wds']:.1f} / {lo['timm_wds_per_worker']:.1f} |",
+            f"| this pipeline (total / per worker) | {lo['pipeline']:.1f} / {lo['pipeline_per_worker']:.1f} |",
+            f"| pipeline / timm (median of per-round ratios) | {lo['pipeline_vs_timm']:.2f}x |",
+            f"| streaming overhead vs bare uint8 loop (median of per-round ratios) | "
+            f"{100 * lo['streaming_overhead']:.1f}% |",
+            "",
+        ]
     if "step" in r:
         s = r["step"]
-        labels = {"deepspeed": "deepspeed (this pipeline)", "plain": "plain PyTorch loop, same options",
-                  "timm_style": "timm train.py-style loop (eager, unfused AdamW)"}
-        lines += ["| training step (median step) | images/s | step ms | fwd+bwd ms | optimizer ms | TFLOP/s | MFU |",
-                  "|---|---|---|---|---|---|---|"]
+        labels = {
+            "deepspeed": "deepspeed (this pipeline)",
+            "plain": "plain PyTorch loop, same options",
+            "timm_style": "timm train.py-style loop (eager, unfused AdamW)",
+        }
+        lines += [
+            "| training step (median step) | images/s | step ms | fwd+bwd ms | optimizer ms | TFLOP/s | MFU |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name in ("deepspeed", "plain", "timm_style"):
             if name in s:
                 row = s[name]
-                lines.append(f"| {labels[name]} | {row['images_per_s']:.1f} | {row['step_ms']:.1f} | "
-                             f"{row['fwd_bwd_ms']:.1f} | {row['optimizer_ms']:.1f} | {row['tflops']:.3f} | "
-                             f"{100 * row['mfu']:.1f}% |")
+                lines.append(
+                    f"| {labels[name]} | {row['images_per_s']:.1f} | {row['step_ms']:.1f} | "
+                    f"{row['fwd_bwd_ms']:.1f} | {row['optimizer_ms']:.1f} | {row['tflops']:.3f} | "
+                    f"{100 * row['mfu']:.1f}% |"
+                )
         options = ", ".join(f"{k}={v}" for k, v in s["options"].items())
-        lines += ["", f"Options: {options} · engine overhead vs plain loop: {100 * s['engine_overhead']:.1f}%"
-                      + (f" · vs timm-style loop: {s['speedup_vs_timm_style']:.2f}x" if "timm_style" in s else "")
-                      + f" · {s['gflops_per_image_fwd_bwd']:.2f} GFLOP/image (fwd+bwd) · "
-                      f"measured matmul peak {s['peak_tflops_measured']:.3f} TFLOP/s"]
+        lines += [
+            "",
+            f"Options: {options} · engine overhead vs plain loop: {100 * s['engine_overhead']:.1f}%"
+            + (f" · vs timm-style loop: {s['speedup_vs_timm_style']:.2f}x" if "timm_style" in s else "")
+            + f" · {s['gflops_per_image_fwd_bwd']:.2f} GFLOP/image (fwd+bwd) · "
+            f"measured matmul peak {s['peak_tflops_measured']:.3f} TFLOP/s",
+        ]
         if "with_loader" in s:
             w = s["with_loader"]
-            lines.append(f"With the real loader: {w['images_per_s']:.1f} images/s, "
-                         f"data wait {100 * w['data_wait_fraction']:.1f}% of the step")
+            lines.append(
+                f"With the real loader: {w['images_per_s']:.1f} images/s, "
+                f"data wait {100 * w['data_wait_fraction']:.1f}% of the step"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -500,8 +568,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-images", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="each figure is the median of this many interleaved measurements (default: %(default)s)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="each figure is the median of this many interleaved measurements (default: %(default)s)",
+    )
     parser.add_argument("--skip-loader", action="store_true")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -549,17 +621,25 @@ def _log_to_mlflow(config, results: dict, path: Path) -> None:
 
         client = MlflowClient(tracking_uri=tracking_uri(config))
         experiment = client.get_experiment_by_name("bench")
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-            "bench", artifact_location=artifact_location(config))
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else client.create_experiment("bench", artifact_location=artifact_location(config))
+        )
         run = client.create_run(experiment_id, run_name=f"bench {results['model']} {results['img_size']}px")
         flat = {f"loader_{k}": v for k, v in results.get("loader", {}).items()}
         for name, value in results.get("step", {}).items():
             items = value.items() if isinstance(value, dict) else [("", value)]
             flat.update({f"step_{name}_{k}".rstrip("_"): v for k, v in items})
         numbers = {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        client.log_batch(run.info.run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in numbers.items()],
-                         params=[Param(k, str(v)) for k, v in {**results["machine"],
-                                 **results.get("step", {}).get("options", {})}.items()])
+        client.log_batch(
+            run.info.run_id,
+            metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in numbers.items()],
+            params=[
+                Param(k, str(v))
+                for k, v in {**results["machine"], **results.get("step", {}).get("options", {})}.items()
+            ],
+        )
         client.log_artifact(run.info.run_id, str(path))
         client.set_terminated(run.info.run_id)
     except Exception as exc:  # a benchmark's numbers are already on disk

@@ -31,16 +31,32 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     from pipeline.tracking.store import start_server as start
 
     port = free_port()
-    proc = start(default_store(root), root / "mlartifacts", port, root / "server.log", timeout_s=300,
-                 env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    proc = start(
+        default_store(root),
+        root / "mlartifacts",
+        port,
+        root / "server.log",
+        timeout_s=300,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
 def log_step_metrics(n: int, step: int) -> dict[str, float]:
     """A log step's worth of metrics: the training scalars plus per-node system metrics."""
-    base = {"train_loss": 2.0 / step, "lr": 1e-3, "grad_norm": 1.0, "images_per_s": 5000.0, "epoch": step / 100,
-            "data_wait_fraction": 0.01, "skipped_samples": 0.0, "images_per_s_per_gpu": 625.0,
-            "images_per_s_per_gpu_min": 600.0, "data_wait_fraction_max": 0.02, "mfu_percent": 40.0}
+    base = {
+        "train_loss": 2.0 / step,
+        "lr": 1e-3,
+        "grad_norm": 1.0,
+        "images_per_s": 5000.0,
+        "epoch": step / 100,
+        "data_wait_fraction": 0.01,
+        "skipped_samples": 0.0,
+        "images_per_s_per_gpu": 625.0,
+        "images_per_s_per_gpu_min": 600.0,
+        "data_wait_fraction_max": 0.02,
+        "mfu_percent": 40.0,
+    }
     i = 0
     while len(base) < n:
         base[f"system/node{i:03d}/cpu_percent"] = 50.0
@@ -50,8 +66,12 @@ def log_step_metrics(n: int, step: int) -> dict[str, float]:
 
 def _percentiles(samples_s: list[float]) -> dict[str, float]:
     us = sorted(s * 1e6 for s in samples_s)
-    return {"mean_us": statistics.fmean(us), "p50_us": us[len(us) // 2], "p99_us": us[int(len(us) * 0.99) - 1],
-            "max_us": us[-1]}
+    return {
+        "mean_us": statistics.fmean(us),
+        "p50_us": us[len(us) // 2],
+        "p99_us": us[int(len(us) * 0.99) - 1],
+        "max_us": us[-1],
+    }
 
 
 def bench_tracker(uri: str, root: Path, name: str, steps: int, metrics: int, drain: bool) -> dict:
@@ -77,8 +97,11 @@ def bench_tracker(uri: str, root: Path, name: str, steps: int, metrics: int, dra
     if drain:
         cpu0, wall0 = time.process_time(), time.perf_counter()
         ok = tracker.flush(600)
-        out.update(drained=ok, drain_s=time.perf_counter() - wall0,
-                   sender_cpu_us_per_call=(time.process_time() - cpu0) / steps * 1e6)
+        out.update(
+            drained=ok,
+            drain_s=time.perf_counter() - wall0,
+            sender_cpu_us_per_call=(time.process_time() - cpu0) / steps * 1e6,
+        )
     tracker.finish()
     tracker.close(wait_s=0 if not drain else None)
     return out
@@ -106,8 +129,12 @@ def bench_mlflow_log_batch(uri: str, steps: int, metrics: int, synchronous: bool
     for f in futures:
         f.wait()
     client.set_terminated(run_id)
-    return {"case": f"MlflowClient.log_batch(synchronous={synchronous})", "calls": steps,
-            "metrics_per_call": metrics, **_percentiles(calls)}
+    return {
+        "case": f"MlflowClient.log_batch(synchronous={synchronous})",
+        "calls": steps,
+        "metrics_per_call": metrics,
+        **_percentiles(calls),
+    }
 
 
 def bench_telemetry(steps: int) -> dict:
@@ -131,15 +158,23 @@ def bench_telemetry(steps: int) -> dict:
             calls.append(time.perf_counter() - t0)
     finally:
         dist.destroy_process_group()
-    return {"case": "StepTelemetry.at_log_step (1 rank, gloo)", "calls": steps, "metrics_per_call": 0,
-            **_percentiles(calls)}
+    return {
+        "case": "StepTelemetry.at_log_step (1 rank, gloo)",
+        "calls": steps,
+        "metrics_per_call": 0,
+        **_percentiles(calls),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_tracking", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500, help="log steps per case (default: %(default)s)")
-    parser.add_argument("--metrics", type=int, default=40,
-                        help="metrics per log step, training scalars + per-node system metrics (default: %(default)s)")
+    parser.add_argument(
+        "--metrics",
+        type=int,
+        default=40,
+        help="metrics per log step, training scalars + per-node system metrics (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.steps < 10 or args.metrics < 1:
@@ -154,22 +189,33 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results.append(bench_tracker(uri, root, "Tracker.log_metrics, server up", args.steps, args.metrics, True))
             dead = f"http://127.0.0.1:{free_port()}"
-            results.append(bench_tracker(dead, root, "Tracker.log_metrics, server down", args.steps, args.metrics,
-                                         False))
+            results.append(
+                bench_tracker(dead, root, "Tracker.log_metrics, server down", args.steps, args.metrics, False)
+            )
             results.append(bench_mlflow_log_batch(uri, args.steps, args.metrics, synchronous=True))
             results.append(bench_mlflow_log_batch(uri, args.steps, args.metrics, synchronous=False))
             results.append(bench_telemetry(args.steps))
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
-    machine = {"host_cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-               "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg_1m": os.getloadavg()[0]}
-    print(f"tracking overhead on the training thread, per log step ({args.metrics} metrics), "
-          f"mlflow server on loopback; {machine}")
+    machine = {
+        "host_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_avg_1m": os.getloadavg()[0],
+    }
+    print(
+        f"tracking overhead on the training thread, per log step ({args.metrics} metrics), "
+        f"mlflow server on loopback; {machine}"
+    )
     print(f"{'case':48s} {'mean us':>9s} {'p50 us':>9s} {'p99 us':>9s} {'max us':>9s}  background")
     for r in results:
-        extra = (f"sent in {r['drain_s']:.1f} s, {r['sender_cpu_us_per_call']:.0f} us CPU per log step"
-                 if "drain_s" in r else "")
+        extra = (
+            f"sent in {r['drain_s']:.1f} s, {r['sender_cpu_us_per_call']:.0f} us CPU per log step"
+            if "drain_s" in r
+            else ""
+        )
         print(f"{r['case']:48s} {r['mean_us']:9.1f} {r['p50_us']:9.1f} {r['p99_us']:9.1f} {r['max_us']:9.0f}  {extra}")
     if args.out:
         args.out.write_text(json.dumps({"machine": machine, "results": results}, indent=2))

@@ -15,8 +15,26 @@ def node_name(scheduler_name: str | None = None) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name) or "node"
 
 
-def rank_environment(*, rank: int, local_rank: int, world_size: int, local_world_size: int, master_addr: str,
-                     master_port: int, node: str, job_id: str = "", attempt: int = 0) -> dict[str, str]:
-    return {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(local_world_size), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
-            "VITPIPE_NODE": node, "VITPIPE_JOB_ID": job_id, "VITPIPE_ATTEMPT": str(attempt)}
+def rank_environment(
+    *,
+    rank: int,
+    local_rank: int,
+    world_size: int,
+    local_world_size: int,
+    master_addr: str,
+    master_port: int,
+    node: str,
+    job_id: str = "",
+    attempt: int = 0,
+) -> dict[str, str]:
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(local_world_size),
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
+        "VITPIPE_NODE": node,
+        "VITPIPE_JOB_ID": job_id,
+        "VITPIPE_ATTEMPT": str(attempt),
+    }

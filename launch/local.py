@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from launch.env import node_name, rank_environment
 from pipeline.rundir import EXIT_RESUMABLE
@@ -58,9 +58,18 @@ def run_local(argv: Sequence[str], nproc: int, log_dir: Path, *, grace_s: float 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for rank in range(nproc):
-            env = {**os.environ, **rank_environment(rank=rank, local_rank=rank, world_size=nproc,
-                                                    local_world_size=nproc, master_addr="127.0.0.1",
-                                                    master_port=port, node=node)}
+            env = {
+                **os.environ,
+                **rank_environment(
+                    rank=rank,
+                    local_rank=rank,
+                    world_size=nproc,
+                    local_world_size=nproc,
+                    master_addr="127.0.0.1",
+                    master_port=port,
+                    node=node,
+                ),
+            }
             if rank == 0:
                 procs.append(subprocess.Popen(list(argv), env=env))
                 logs.append(None)
@@ -83,8 +92,11 @@ def _supervise(procs: list[subprocess.Popen], logs: list[Path | None], grace_s: 
             rank, code = failed[0]
             _terminate(procs, grace_s=30.0)
             where = f"its log {logs[rank]}" if logs[rank] else "the output above"
-            print(f"\nrank {rank} of {len(procs)} failed with exit code {code} (see {where}); "
-                  f"the other ranks were stopped.", file=sys.stderr)
+            print(
+                f"\nrank {rank} of {len(procs)} failed with exit code {code} (see {where}); "
+                f"the other ranks were stopped.",
+                file=sys.stderr,
+            )
             if logs[rank]:
                 print(f"--- last lines of rank {rank} ---\n{tail(logs[rank])}---", file=sys.stderr)
             return code if code > 0 else 1

@@ -33,14 +33,18 @@ def run_pipeline(pretrain_config: str, finetune_config: str, overrides: list[str
     shared = [o for o in overrides if not o.startswith("run.name=")]
     pre = StageRequest("pretrain", pretrain_config, shared + ([f"run.name={name}-pretrain"] if name else []))
     fine = StageRequest("finetune", finetune_config, shared + ([f"run.name={name}-finetune"] if name else []))
-    again = (f"make pipeline PRETRAIN_CONFIG={shlex.quote(pretrain_config)} FINETUNE_CONFIG="
-             f"{shlex.quote(finetune_config)} ARGS={shlex.quote(' '.join(overrides))}")
+    again = (
+        f"make pipeline PRETRAIN_CONFIG={shlex.quote(pretrain_config)} FINETUNE_CONFIG="
+        f"{shlex.quote(finetune_config)} ARGS={shlex.quote(' '.join(overrides))}"
+    )
     try:
         config, family = prepare(pre)
         fconfig, _ = prepare(fine, resolve_weights=False)
         if config.launch.cluster != fconfig.launch.cluster:
-            raise ConfigError(f"{finetune_config} runs launch.cluster={fconfig.launch.cluster} and {pretrain_config} "
-                              f"launch.cluster={config.launch.cluster}; the pipeline runs both stages in one place")
+            raise ConfigError(
+                f"{finetune_config} runs launch.cluster={fconfig.launch.cluster} and {pretrain_config} "
+                f"launch.cluster={config.launch.cluster}; the pipeline runs both stages in one place"
+            )
         run, _, blocked = open_run(config, family)
     except (ConfigError, DataError) as exc:
         return fail(str(exc))
@@ -110,4 +114,3 @@ def _on_slurm(config: Config, run: RunDir, fconfig: Config, fine: StageRequest, 
 
 def _family(request: StageRequest) -> str:
     return Path(request.config_path).stem
-

@@ -35,8 +35,10 @@ class StageRequest:
         """The command that continues this run (what a user reruns after a cancel or a failure)."""
         overrides = [o for o in self.overrides if not o.startswith("run.name=")] + [f"run.name={run.name}"]
         pretrained = f" PRETRAINED={shlex.quote(self.pretrained)}" if self.pretrained else ""
-        return (f"make {self.stage} CONFIG={shlex.quote(self.config_path)}{pretrained} "
-                f"ARGS={shlex.quote(' '.join(overrides))}")
+        return (
+            f"make {self.stage} CONFIG={shlex.quote(self.config_path)}{pretrained} "
+            f"ARGS={shlex.quote(' '.join(overrides))}"
+        )
 
 
 def fail(message: str) -> int:
@@ -68,7 +70,9 @@ def prepare(request: StageRequest, resolve_weights: bool = True) -> tuple[Config
     plan = plan_data(config, config.world_size)
     if config.model.num_classes is None:
         if not plan.classes:
-            raise ConfigError("model.num_classes is unset and no manifest.json names the classes; set model.num_classes")
+            raise ConfigError(
+                "model.num_classes is unset and no manifest.json names the classes; set model.num_classes"
+            )
         config.model.num_classes = len(plan.classes)
     config.data.train_samples = plan.train_samples
     from pipeline.model.factory import check_model  # timm: seconds to import, so after the cheap checks
@@ -77,8 +81,9 @@ def prepare(request: StageRequest, resolve_weights: bool = True) -> tuple[Config
     family = Path(request.config_path).stem
     config.tracking.experiment = config.tracking.experiment or family
     if request.stage == "finetune":
-        config.finetune.register_as = (config.finetune.register_as if config.finetune.register_as is not None
-                                       else f"{family}-finetuned")
+        config.finetune.register_as = (
+            config.finetune.register_as if config.finetune.register_as is not None else f"{family}-finetuned"
+        )
         if resolve_weights:
             from pipeline.finetune.resolve import resolve_pretrained
 
@@ -127,8 +132,10 @@ def run_local_stage(config: Config, run: RunDir) -> int:
 
     code = run_local([sys.executable, "-m", "pipeline.worker", str(run)], config.launch.nproc, run.logs)
     if code == EXIT_RESUMABLE:
-        print(f"stopped with a checkpoint; run the same command again (or add run.name={run.name}) to resume",
-              file=sys.stderr)
+        print(
+            f"stopped with a checkpoint; run the same command again (or add run.name={run.name}) to resume",
+            file=sys.stderr,
+        )
     elif code == 0:
         print(f"finished: {run}\n  summary: {run.summary}\n  MLflow: make ui", file=sys.stderr)
     return code
@@ -148,8 +155,10 @@ def slurm_job_busy(run: RunDir) -> Optional[str]:
     if active is None:
         return None
     job_id, state = active
-    return (f"{run} already has Slurm job {job_id} ({state}); follow it (squeue -j {job_id}), or scancel "
-            f"{job_id} first, or set run.name=<new name> for a new run")
+    return (
+        f"{run} already has Slurm job {job_id} ({state}); follow it (squeue -j {job_id}), or scancel "
+        f"{job_id} first, or set run.name=<new name> for a new run"
+    )
 
 
 def submit_stage(config: Config, run: RunDir, resume: str, dependency: Optional[str] = None):
@@ -184,12 +193,13 @@ def follow_slurm_job(job, run: RunDir, resume: str) -> int:
     try:
         outcome = wait(job)
     except KeyboardInterrupt:
-        print(f"\nstopped following; job {job.job_id} keeps running (scancel {job.job_id} stops it, "
-              f"with a checkpoint)", file=sys.stderr)
+        print(
+            f"\nstopped following; job {job.job_id} keeps running (scancel {job.job_id} stops it, with a checkpoint)",
+            file=sys.stderr,
+        )
         return 130
     if outcome.status == "completed":
-        print(f"finished: {run} (Slurm job {job.job_id})\n  summary: {run.summary}\n  MLflow: make ui",
-              file=sys.stderr)
+        print(f"finished: {run} (Slurm job {job.job_id})\n  summary: {run.summary}\n  MLflow: make ui", file=sys.stderr)
         return 0
     tag = latest_complete(run.checkpoints)
     where = f"its latest checkpoint is {run.checkpoints / tag}" if tag else "it has no checkpoint yet"
@@ -198,10 +208,16 @@ def follow_slurm_job(job, run: RunDir, resume: str) -> int:
         write_status(run.slurm, state="FAILED", slurm_state=outcome.state, resume=resume)
         print(f"once fixed, {'resume' if tag else 'start'} it again ({where}): {resume}", file=sys.stderr)
         return 1
-    what = {"stopped": "stopped with a checkpoint", "cancelled": "was cancelled",
-            "timeout": "hit its time limit"}.get(outcome.status, f"ended {outcome.state or 'without a result'}")
-    write_status(run.slurm, state=outcome.state or outcome.status.upper(), slurm_state=outcome.state,
-                 resume=resume, message=f"job {what}; {where}")
+    what = {"stopped": "stopped with a checkpoint", "cancelled": "was cancelled", "timeout": "hit its time limit"}.get(
+        outcome.status, f"ended {outcome.state or 'without a result'}"
+    )
+    write_status(
+        run.slurm,
+        state=outcome.state or outcome.status.upper(),
+        slurm_state=outcome.state,
+        resume=resume,
+        message=f"job {what}; {where}",
+    )
     print(f"Slurm job {job.job_id} {what} ({outcome.state}); {where}.\n  resume: {resume}", file=sys.stderr)
     if outcome.log_tail and outcome.status not in ("stopped", "cancelled"):
         print(f"--- last lines of rank 0 ---\n{outcome.log_tail}---", file=sys.stderr)

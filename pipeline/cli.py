@@ -11,21 +11,29 @@ import sys
 from pathlib import Path
 
 DEFAULT_CONFIGS = {"pretrain": "configs/pretrain/digits_vit.yaml", "finetune": "configs/finetune/digits_vit.yaml"}
-OVERRIDES_HELP = ("overrides: space-separated key=value, e.g. optim.lr=1e-3 data.batch_size=64 launch.nproc=2 "
-                  "run.name=myrun; each key once; quote shard patterns in a shell: 'data.train_shards=x-{0..7}.tar'")
+OVERRIDES_HELP = (
+    "overrides: space-separated key=value, e.g. optim.lr=1e-3 data.batch_size=64 launch.nproc=2 "
+    "run.name=myrun; each key once; quote shard patterns in a shell: 'data.train_shards=x-{0..7}.tar'"
+)
 
 
 def _train_parser(stage: str, sub) -> None:
-    p = sub.add_parser(stage, help=f"{stage} a timm ViT/Swin with DeepSpeed (locally or on Slurm)",
-                       description=f"{stage.capitalize()} from WebDataset shards with DeepSpeed ZeRO. Runs N local "
-                                   "processes (launch.nproc) or submits to Slurm (launch.cluster=slurm|auto). "
-                                   "Starting the same run again resumes it from its latest complete checkpoint.",
-                       epilog=OVERRIDES_HELP)
+    p = sub.add_parser(
+        stage,
+        help=f"{stage} a timm ViT/Swin with DeepSpeed (locally or on Slurm)",
+        description=f"{stage.capitalize()} from WebDataset shards with DeepSpeed ZeRO. Runs N local "
+        "processes (launch.nproc) or submits to Slurm (launch.cluster=slurm|auto). "
+        "Starting the same run again resumes it from its latest complete checkpoint.",
+        epilog=OVERRIDES_HELP,
+    )
     p.add_argument("--config", default=DEFAULT_CONFIGS[stage], help="YAML config (default: %(default)s)")
     if stage == "finetune":
-        p.add_argument("--pretrained", default=None,
-                       help="run dir, checkpoint dir or MLflow run id of a pretraining run "
-                            "(default: the latest finished pretraining run of the same config family)")
+        p.add_argument(
+            "--pretrained",
+            default=None,
+            help="run dir, checkpoint dir or MLflow run id of a pretraining run "
+            "(default: the latest finished pretraining run of the same config family)",
+        )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
@@ -35,9 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser("pretrain", sub)
     _train_parser("finetune", sub)
-    pipe = sub.add_parser("pipeline", help="pretrain, then fine-tune from it (locally in turn; on Slurm as two "
-                                           "jobs, the fine-tune starting once the pretraining has succeeded)",
-                          epilog="overrides apply to both stages; run.name=N names the runs N-pretrain and N-finetune")
+    pipe = sub.add_parser(
+        "pipeline",
+        help="pretrain, then fine-tune from it (locally in turn; on Slurm as two "
+        "jobs, the fine-tune starting once the pretraining has succeeded)",
+        epilog="overrides apply to both stages; run.name=N names the runs N-pretrain and N-finetune",
+    )
     pipe.add_argument("--pretrain-config", default=DEFAULT_CONFIGS["pretrain"], help="(default: %(default)s)")
     pipe.add_argument("--finetune-config", default=DEFAULT_CONFIGS["finetune"], help="(default: %(default)s)")
     pipe.add_argument("overrides", nargs="*", metavar="key=value")
@@ -47,17 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--root", default="runs", help="runs folder holding mlflow.db (default: %(default)s)")
     ui.add_argument("--workers", type=int, default=2, help="server worker processes (default: %(default)s)")
-    ui.add_argument("--allowed-hosts", default=None,
-                    help="Host headers the server accepts when bound beyond loopback (MLflow's default: localhost "
-                         "and private IPs), e.g. mlflow.example.org")
-    sync = sub.add_parser("tracking-sync", help="upload a run's MLflow records kept while the server was unreachable",
-                          description="Sends what a run directory's tracking journal (tracking_spool.jsonl) still "
-                                      "holds to its MLflow store, creating the MLflow run if it never was.")
+    ui.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="Host headers the server accepts when bound beyond loopback (MLflow's default: localhost "
+        "and private IPs), e.g. mlflow.example.org",
+    )
+    sync = sub.add_parser(
+        "tracking-sync",
+        help="upload a run's MLflow records kept while the server was unreachable",
+        description="Sends what a run directory's tracking journal (tracking_spool.jsonl) still "
+        "holds to its MLflow store, creating the MLflow run if it never was.",
+    )
     sync.add_argument("run_dir", help="the run folder, e.g. runs/pretrain-digits_vit-20261121-093300")
-    sync.add_argument("--tracking-uri", default=None,
-                      help="store to send to (default: the run's tracking.tracking_uri, $MLFLOW_TRACKING_URI, "
-                           "or the run root's mlflow.db)")
-    sync.add_argument("--timeout", type=float, default=60.0, help="keep trying this many seconds (default: %(default)s)")
+    sync.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="store to send to (default: the run's tracking.tracking_uri, $MLFLOW_TRACKING_URI, "
+        "or the run root's mlflow.db)",
+    )
+    sync.add_argument(
+        "--timeout", type=float, default=60.0, help="keep trying this many seconds (default: %(default)s)"
+    )
     return parser
 
 

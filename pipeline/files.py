@@ -9,9 +9,9 @@ presence promises that other files are complete (a manifest, a COMPLETE marker).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 def temp_path(final: Path) -> Path:

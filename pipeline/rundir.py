@@ -26,9 +26,15 @@ from pipeline.files import atomic_write
 EXIT_RESUMABLE = 3  # a run (or rank) that stopped on request after saving a checkpoint: start it again to resume
 
 # Keys that may differ when a run is continued: they do not change what is computed.
-RESUMABLE_DIFFERENCES = ("run.name", "run.stop_at_step", "launch.wait", "launch.cluster", "checkpoint.keep_last",
-                         "launch.slurm",  # partition, time limit, profile...: where it runs, not what
-                         "tracking.")  # tracking never changes what is computed (parent run, server, intervals...)
+RESUMABLE_DIFFERENCES = (
+    "run.name",
+    "run.stop_at_step",
+    "launch.wait",
+    "launch.cluster",
+    "checkpoint.keep_last",
+    "launch.slurm",  # partition, time limit, profile...: where it runs, not what
+    "tracking.",
+)  # tracking never changes what is computed (parent run, server, intervals...)
 
 
 class RunDir:
@@ -119,8 +125,9 @@ class RunsRoot:
 
     def runs_of(self, stage: str, family: str) -> list[RunDir]:
         """Run folders of one stage and config family, oldest first."""
-        found = sorted((p for p in self.path.glob(f"{stage}-{family}-*") if (p / "config.yaml").exists()),
-                       key=lambda p: p.name)
+        found = sorted(
+            (p for p in self.path.glob(f"{stage}-{family}-*") if (p / "config.yaml").exists()), key=lambda p: p.name
+        )
         return [RunDir(p) for p in found]
 
     def latest_finished(self, stage: str, family: Optional[str] = None) -> Optional[RunDir]:
@@ -133,8 +140,7 @@ class RunsRoot:
 def config_differences(saved: Config, new: Config) -> list[str]:
     """Keys whose values differ and that a continued run may not change."""
     a, b = flatten(to_dict(saved)), flatten(to_dict(new))
-    return sorted(k for k in a.keys() | b.keys()
-                  if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_DIFFERENCES))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_DIFFERENCES))
 
 
 def choose_run_dir(config: Config, family: str) -> tuple[RunDir, bool]:
@@ -146,8 +152,10 @@ def choose_run_dir(config: Config, family: str) -> tuple[RunDir, bool]:
         if run.config.exists():
             diff = config_differences(run.load_config(), config)
             if diff:
-                raise ConfigError(f"run.name={config.run.name}: that run was made with a different config "
-                                  f"({', '.join(diff[:6])}); continue it unchanged or choose a new run.name")
+                raise ConfigError(
+                    f"run.name={config.run.name}: that run was made with a different config "
+                    f"({', '.join(diff[:6])}); continue it unchanged or choose a new run.name"
+                )
             return run, True
         return run, False
     for run in reversed(root.runs_of(config.run.stage, family)):

@@ -32,8 +32,12 @@ def run(run_dir: str) -> int:
     folder = RunDir(run_dir)
     config = folder.load_config()
     env = init_distributed(config)
-    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
-                        format=f"[%(asctime)s rank{env.rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO if env.rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s rank{env.rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
     try:
         return Trainer(config, folder, env, stage_hooks(config.run.stage)).train()
     finally:

@@ -10,9 +10,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, TextIO
+from typing import Any, Optional, TextIO
 
 from launch.local import tail
 from launch.slurm.params import SubmitError, make_executor
@@ -23,8 +24,16 @@ from pipeline.rundir import RunDir
 WORKER_ENTRY = "pipeline.worker:run"  # the pipeline's rank entry point, named, never imported here
 
 
-def submit(folder: Path, entry: str, args: Sequence[str], launch, *, name: str, dependency: Optional[str] = None,
-           resume_hint: Optional[str] = None):
+def submit(
+    folder: Path,
+    entry: str,
+    args: Sequence[str],
+    launch,
+    *,
+    name: str,
+    dependency: Optional[str] = None,
+    resume_hint: Optional[str] = None,
+):
     """Submit the job; returns submitit's Job. Raises SubmitError when sbatch refuses it."""
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
@@ -39,19 +48,41 @@ def submit(folder: Path, entry: str, args: Sequence[str], launch, *, name: str, 
         text = " ".join(str(exc).split()) or " ".join(echoed.getvalue().split()) or type(exc).__name__
         raise SubmitError(f"sbatch refused the job: {text}") from None
     sys.stderr.write(echoed.getvalue())
-    write_status(folder, state="SUBMITTED", job_id=job.job_id, attempt=0, name=name,
-                 dependency=dependency, resume=resume_hint, submitted=time.strftime("%Y-%m-%d %H:%M:%S"),
-                 log=str(log_paths(folder, job.job_id)[1]))
+    write_status(
+        folder,
+        state="SUBMITTED",
+        job_id=job.job_id,
+        attempt=0,
+        name=name,
+        dependency=dependency,
+        resume=resume_hint,
+        submitted=time.strftime("%Y-%m-%d %H:%M:%S"),
+        log=str(log_paths(folder, job.job_id)[1]),
+    )
     return job
 
 
-def submit_run(config, run_dir: Path, dependency: Optional[str] = None, *, entry: str = WORKER_ENTRY,
-               extra_args: Sequence[str] = (), resume_hint: Optional[str] = None):
+def submit_run(
+    config,
+    run_dir: Path,
+    dependency: Optional[str] = None,
+    *,
+    entry: str = WORKER_ENTRY,
+    extra_args: Sequence[str] = (),
+    resume_hint: Optional[str] = None,
+):
     """One pipeline run as one job: folder <run dir>/slurm, ``entry(run_dir, *extra_args)`` on every task.
     Only the launch section and the stage are read. dependency: e.g. ``f"afterok:{pretrain_job.job_id}"``."""
     run_dir = Path(run_dir).resolve()
-    return submit(RunDir(run_dir).slurm, entry, [str(run_dir), *extra_args], config.launch,
-                  name=f"{config.run.stage}-{run_dir.name}", dependency=dependency, resume_hint=resume_hint)
+    return submit(
+        RunDir(run_dir).slurm,
+        entry,
+        [str(run_dir), *extra_args],
+        config.launch,
+        name=f"{config.run.stage}-{run_dir.name}",
+        dependency=dependency,
+        resume_hint=resume_hint,
+    )
 
 
 def log_paths(folder: Path, job_id: str, task: int = 0) -> tuple[Path, Path]:
@@ -65,11 +96,13 @@ def log_paths(folder: Path, job_id: str, task: int = 0) -> tuple[Path, Path]:
 def describe(job) -> str:
     """What the user needs to follow a job."""
     out, err = log_paths(job.paths.folder, job.job_id)
-    return (f"submitted Slurm job {job.job_id} ({job.num_tasks} task(s))\n"
-            f"  logs:   {job.paths.folder}  (rank 0: {err.name} / {out.name})\n"
-            f"  follow: tail -f {err}\n"
-            f"  state:  squeue -j {job.job_id}   |   sacct -j {job.job_id}\n"
-            f"  stop:   scancel {job.job_id}")
+    return (
+        f"submitted Slurm job {job.job_id} ({job.num_tasks} task(s))\n"
+        f"  logs:   {job.paths.folder}  (rank 0: {err.name} / {out.name})\n"
+        f"  follow: tail -f {err}\n"
+        f"  state:  squeue -j {job.job_id}   |   sacct -j {job.job_id}\n"
+        f"  stop:   scancel {job.job_id}"
+    )
 
 
 @dataclass
@@ -105,7 +138,7 @@ class _Follow:
     """Prints what is appended to some files (rank 0's logs, across requeues)."""
 
     def __init__(self, paths: Sequence[Path], out: TextIO):
-        self.offsets = {p: 0 for p in paths}
+        self.offsets = dict.fromkeys(paths, 0)
         self.out = out
 
     def pump(self) -> None:
@@ -175,11 +208,16 @@ def explain_failure(outcome: Outcome, folder: Path) -> str:
     """The failing rank's traceback first, then one line per other failed rank."""
     if outcome.first_failed is None:
         _, err = log_paths(folder, outcome.job_id)
-        return (f"job {outcome.job_id} ended {outcome.state or 'without a result'}; no rank reported an error. "
-                f"Last lines of rank 0 ({err}):\n{outcome.log_tail}")
+        return (
+            f"job {outcome.job_id} ended {outcome.state or 'without a result'}; no rank reported an error. "
+            f"Last lines of rank 0 ({err}):\n{outcome.log_tail}"
+        )
     first = outcome.first_failed
-    lines = [f"job {outcome.job_id} failed ({outcome.state or 'FAILED'}): rank {first} failed first, "
-             f"the job was stopped. Its traceback:", outcome.errors[first].rstrip()]
+    lines = [
+        f"job {outcome.job_id} failed ({outcome.state or 'FAILED'}): rank {first} failed first, "
+        f"the job was stopped. Its traceback:",
+        outcome.errors[first].rstrip(),
+    ]
     for task, trace in sorted(outcome.errors.items()):
         if task != first:
             last = [line for line in trace.strip().splitlines() if line.strip()][-1:] or ["?"]

@@ -11,8 +11,24 @@ from typing import Any, Optional
 from pipeline.config import ConfigError
 
 # sbatch options the launcher itself sets; extra_sbatch may not override them
-MANAGED_SBATCH = ("job-name", "nodes", "ntasks-per-node", "time", "signal", "output", "error", "open-mode",
-                  "array", "cpus-per-task", "gpus-per-node", "mem", "partition", "account", "qos", "constraint")
+MANAGED_SBATCH = (
+    "job-name",
+    "nodes",
+    "ntasks-per-node",
+    "time",
+    "signal",
+    "output",
+    "error",
+    "open-mode",
+    "array",
+    "cpus-per-task",
+    "gpus-per-node",
+    "mem",
+    "partition",
+    "account",
+    "qos",
+    "constraint",
+)
 
 
 class SubmitError(RuntimeError):
@@ -23,8 +39,11 @@ def executor_parameters(launch, *, name: str, dependency: Optional[str] = None) 
     """``AutoExecutor.update_parameters`` keywords for a launch section (nodes, tasks, the slurm profile)."""
     s = launch.slurm
     params: dict[str, Any] = {
-        "name": name, "nodes": launch.nodes, "tasks_per_node": launch.ranks_per_node,
-        "cpus_per_task": s.cpus_per_task, "timeout_min": s.time_min,
+        "name": name,
+        "nodes": launch.nodes,
+        "tasks_per_node": launch.ranks_per_node,
+        "cpus_per_task": s.cpus_per_task,
+        "timeout_min": s.time_min,
         "slurm_signal_delay_s": s.signal_delay_s,
         # one rank exiting with an error ends the whole step at once, instead of the others waiting
         # in a collective until deepspeed.comm_timeout_min
@@ -52,8 +71,10 @@ def check_extra_sbatch(extra: dict) -> None:
     """extra_sbatch may add options, not replace the ones the launcher derives (ValueError names them)."""
     clash = sorted(k for k in extra if k.replace("_", "-") in MANAGED_SBATCH)
     if clash:
-        raise ValueError(f"launch.slurm.extra_sbatch: {', '.join(clash)} are set from launch.*/launch.slurm.* "
-                         f"(nodes, gpus_per_node, time_min, signal_delay_s, ...); set them there")
+        raise ValueError(
+            f"launch.slurm.extra_sbatch: {', '.join(clash)} are set from launch.*/launch.slurm.* "
+            f"(nodes, gpus_per_node, time_min, signal_delay_s, ...); set them there"
+        )
 
 
 def check_slurm(launch) -> None:
@@ -61,15 +82,18 @@ def check_slurm(launch) -> None:
     from pipeline.config.schema import positive
 
     s = launch.slurm
-    for key, value in [("launch.slurm.time_min", s.time_min), ("launch.slurm.cpus_per_task", s.cpus_per_task)] + \
-            ([("launch.slurm.mem_gb", s.mem_gb)] if s.mem_gb is not None else []):
+    for key, value in [("launch.slurm.time_min", s.time_min), ("launch.slurm.cpus_per_task", s.cpus_per_task)] + (
+        [("launch.slurm.mem_gb", s.mem_gb)] if s.mem_gb is not None else []
+    ):
         positive(key, value)
     positive("launch.slurm.signal_delay_s", s.signal_delay_s, allow_zero=True)
     positive("launch.slurm.max_requeues", s.max_requeues, allow_zero=True)
     if s.signal_delay_s >= s.time_min * 60:
-        raise ConfigError(f"launch.slurm.signal_delay_s={s.signal_delay_s} must be below the time limit "
-                          f"launch.slurm.time_min={s.time_min} ({s.time_min * 60} s): the warning comes that long "
-                          "before the limit, and a step plus a checkpoint must fit in it")
+        raise ConfigError(
+            f"launch.slurm.signal_delay_s={s.signal_delay_s} must be below the time limit "
+            f"launch.slurm.time_min={s.time_min} ({s.time_min * 60} s): the warning comes that long "
+            "before the limit, and a step plus a checkpoint must fit in it"
+        )
     try:
         check_extra_sbatch(s.extra_sbatch)
     except ValueError as exc:
@@ -80,8 +104,11 @@ def make_executor(folder: Path, launch, *, name: str, dependency: Optional[str] 
     """submitit's AutoExecutor on Slurm; the job runs this interpreter (sys.executable: the project's .venv)."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
-                                     slurm_max_num_timeout=launch.slurm.max_requeues,
-                                     slurm_python=shlex.quote(sys.executable))
+    executor = submitit.AutoExecutor(
+        folder=folder,
+        cluster="slurm",
+        slurm_max_num_timeout=launch.slurm.max_requeues,
+        slurm_python=shlex.quote(sys.executable),
+    )
     executor.update_parameters(**executor_parameters(launch, name=name, dependency=dependency))
     return executor

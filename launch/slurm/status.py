@@ -11,18 +11,41 @@ from typing import Optional
 from pipeline.files import atomic_write
 
 STATUS_FILE = "status.json"
-ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                 "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT")
-FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT")
-
+ACTIVE_STATES = (
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+    "SIGNALING",
+    "STAGE_OUT",
+)
+FINAL_STATES = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "REVOKED",
+    "SPECIAL_EXIT",
+)
 
 
 def job_state(job_id: str) -> str:
     """Slurm's state of a job: squeue while it is active, sacct once it is ending or gone; '' if unknown."""
     state = ""
-    for cmd in (["squeue", "-h", "-j", str(job_id), "-o", "%T"],
-                ["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"]):
+    for cmd in (
+        ["squeue", "-h", "-j", str(job_id), "-o", "%T"],
+        ["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"],
+    ):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):

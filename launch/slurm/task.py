@@ -37,8 +37,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from launch.env import node_name, rank_environment
 from launch.slurm.status import job_state, read_status, write_status
@@ -62,11 +62,17 @@ def task_environment(job_env, attempt: int) -> dict[str, str]:
 
     os.environ["MASTER_PORT"] = str(master_port(job_env.job_id, attempt))
     torch_env = TorchDistributedEnvironment()
-    return rank_environment(rank=torch_env.rank, local_rank=torch_env.local_rank, world_size=torch_env.world_size,
-                            local_world_size=torch_env.local_world_size, master_addr=torch_env.master_addr,
-                            master_port=torch_env.master_port,
-                            node=node_name(os.environ.get("SLURMD_NODENAME") or job_env.hostnames[job_env.node]),
-                            job_id=str(job_env.job_id), attempt=attempt)
+    return rank_environment(
+        rank=torch_env.rank,
+        local_rank=torch_env.local_rank,
+        world_size=torch_env.world_size,
+        local_world_size=torch_env.local_world_size,
+        master_addr=torch_env.master_addr,
+        master_port=torch_env.master_port,
+        node=node_name(os.environ.get("SLURMD_NODENAME") or job_env.hostnames[job_env.node]),
+        job_id=str(job_env.job_id),
+        attempt=attempt,
+    )
 
 
 def resolve_entry(entry: str):
@@ -91,8 +97,13 @@ class _StopSignals:
         self.seen.add(signum)
         if signum == signal.SIGUSR2 and signal.getsignal(signum) is self and self.submitit_handler is not None:
             if self.rank == 0:
-                write_status(self.folder, state="REQUEUED", attempt=self.attempt, signals=["SIGUSR2"],
-                             message="USR2 before training started: requeued at once")
+                write_status(
+                    self.folder,
+                    state="REQUEUED",
+                    attempt=self.attempt,
+                    signals=["SIGUSR2"],
+                    message="USR2 before training started: requeued at once",
+                )
             self.submitit_handler.checkpoint_and_try_requeue(signum, frame)
 
 
@@ -123,8 +134,16 @@ class SlurmRank(_Checkpointable):
             signal.signal(sig, stops)
         logging.getLogger("submitit").propagate = False  # its own handler prints it; the entry may add another
         if rank == 0:
-            write_status(folder, state="RUNNING", job_id=job_env.job_id, attempt=attempt, signals=None, message=None,
-                         nodes=list(job_env.hostnames), python=sys.executable)
+            write_status(
+                folder,
+                state="RUNNING",
+                job_id=job_env.job_id,
+                attempt=attempt,
+                signals=None,
+                message=None,
+                nodes=list(job_env.hostnames),
+                python=sys.executable,
+            )
         try:
             code = resolve_entry(self.entry)(*self.args)
         except BaseException as exc:
@@ -142,29 +161,46 @@ class SlurmRank(_Checkpointable):
             return {"rank": rank, "status": "completed", "attempt": attempt}
         if code != EXIT_RESUMABLE:
             raise RuntimeError(f"{self.entry} returned exit code {code} on rank {rank}")
-        # USR2: a time limit or preemption. SIGTERM alone: a preemption notice if Slurm still has the job
-        # RUNNING; after scancel it is already COMPLETING (and a rank failure never returns EXIT_RESUMABLE).
-        requeue = signal.SIGUSR2 in stops.seen or (
-            rank == 0 and signal.SIGTERM in stops.seen and job_state(job_env.job_id) == "RUNNING")
-        if rank == 0 and requeue and submitit_handler is not None:
-            write_status(folder, state="REQUEUED", attempt=attempt, signals=names)
-            try:  # submitit's own: checkpoint() -> pickle, scontrol requeue, sys.exit(-1)
-                submitit_handler.checkpoint_and_try_requeue(signal.SIGUSR2, None)
-            except submitit.core.utils.UncompletedJobError as exc:  # no requeue budget left
-                write_status(folder, state="STOPPED", attempt=attempt, signals=names,
-                             message=f"{exc} The run stopped with a checkpoint.")
-                raise RuntimeError(f"{exc} The run stopped with a checkpoint; submit the same command again "
-                                   "to continue it.") from None
-        if rank == 0 and not requeue:
-            why = f"signal {', '.join(names)}" if names else "stopped on request"
-            write_status(folder, state="STOPPED", attempt=attempt, signals=names,
-                         message=f"stopped with a checkpoint ({why})")
-        return {"rank": rank, "status": "requeue" if requeue else "stopped", "signals": names, "attempt": attempt}
+        return _stopped(job_env, folder, stops, names)
+
+
+def _stopped(job_env, folder: Path, stops: _StopSignals, names: list[str]) -> dict:
+    """The entry stopped with a checkpoint: requeue the job (time limit, preemption) or leave it stopped.
+    USR2: a time limit or preemption. SIGTERM alone: a preemption notice if Slurm still has the job RUNNING;
+    after scancel it is already COMPLETING (and a rank failure never returns EXIT_RESUMABLE)."""
+    from submitit.core.utils import UncompletedJobError
+
+    rank, attempt = stops.rank, stops.attempt
+    requeue = signal.SIGUSR2 in stops.seen or (
+        rank == 0 and signal.SIGTERM in stops.seen and job_state(job_env.job_id) == "RUNNING"
+    )
+    if rank == 0 and requeue and stops.submitit_handler is not None:
+        write_status(folder, state="REQUEUED", attempt=attempt, signals=names)
+        try:  # submitit's own: checkpoint() -> pickle, scontrol requeue, sys.exit(-1)
+            stops.submitit_handler.checkpoint_and_try_requeue(signal.SIGUSR2, None)
+        except UncompletedJobError as exc:  # no requeue budget left
+            write_status(
+                folder,
+                state="STOPPED",
+                attempt=attempt,
+                signals=names,
+                message=f"{exc} The run stopped with a checkpoint.",
+            )
+            raise RuntimeError(
+                f"{exc} The run stopped with a checkpoint; submit the same command again to continue it."
+            ) from None
+    if rank == 0 and not requeue:
+        why = f"signal {', '.join(names)}" if names else "stopped on request"
+        write_status(
+            folder, state="STOPPED", attempt=attempt, signals=names, message=f"stopped with a checkpoint ({why})"
+        )
+    return {"rank": rank, "status": "requeue" if requeue else "stopped", "signals": names, "attempt": attempt}
 
 
 def _exit_soon(seconds: float) -> None:
     """A failed rank must exit for srun's --kill-on-bad-exit to end the job; if the interpreter's shutdown
     hangs (a child process, a thread), this ends it after submitit has written the error."""
+
     def stop():
         time.sleep(seconds)
         os._exit(1)

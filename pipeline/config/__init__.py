@@ -19,7 +19,26 @@ from pipeline.config.schema import (
     check_batch,
 )
 
-__all__ = ["AugmentConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "EvalConfig",
-           "FinetuneConfig", "LaunchConfig", "ModelConfig", "OptimConfig", "RunConfig", "SlurmConfig",
-           "TrackingConfig", "check_batch", "check_overrides", "flatten", "from_yaml_file", "load_config", "to_dict",
-           "to_yaml"]
+__all__ = [
+    "AugmentConfig",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "EvalConfig",
+    "FinetuneConfig",
+    "LaunchConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "SlurmConfig",
+    "TrackingConfig",
+    "check_batch",
+    "check_overrides",
+    "flatten",
+    "from_yaml_file",
+    "load_config",
+    "to_dict",
+    "to_yaml",
+]

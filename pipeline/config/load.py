@@ -8,8 +8,9 @@ Overrides mean exactly what was typed: the same key given twice is refused (a sh
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -57,12 +58,14 @@ def check_overrides(overrides: Sequence[str]) -> list[str]:
         raise ConfigError(
             f"override {twice[0]} is given {len(values)} times ({', '.join(values[:3])}{', ...' if len(values) > 3 else ''}); "
             f"give it once. A shell expands braces in unquoted words: quote a shard pattern, e.g. "
-            f"'{twice[0]}=data/x/train-{{0000..0007}}.tar' (make ... ARGS=\"...\" passes it unchanged)")
+            f"'{twice[0]}=data/x/train-{{0000..0007}}.tar' (make ... ARGS=\"...\" passes it unchanged)"
+        )
     return list(overrides)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *, stage: Optional[str] = None,
-                check: bool = True) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), *, stage: Optional[str] = None, check: bool = True
+) -> Config:
     """The validated config. ``stage`` (set by the command) may not be contradicted by an override."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
@@ -98,8 +101,7 @@ def _apply_slurm_profile(config: Config) -> Config:
         cfg = OmegaConf.structured(config)
         base_slurm = OmegaConf.merge(OmegaConf.structured(SlurmConfig), profile.get("slurm", {}))
         # fields the user set explicitly (differ from schema defaults) win over the profile
-        explicit = {k: v for k, v in OmegaConf.to_container(cfg.launch.slurm).items()
-                    if v != getattr(SlurmConfig(), k)}
+        explicit = {k: v for k, v in OmegaConf.to_container(cfg.launch.slurm).items() if v != getattr(SlurmConfig(), k)}
         cfg.launch.slurm = OmegaConf.merge(base_slurm, explicit)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc, config.launch.slurm_profile)) from None

@@ -40,6 +40,7 @@ POS_EMBED_METHODS = ("bicubic", "bilinear", "nearest", "nearest-exact")
 REL_POS_METHODS = POS_EMBED_METHODS + ("geometric",)
 TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 
+
 @dataclass
 class RunConfig:
     name: Optional[str] = None  # folder under root; unset: "<config stem>-<timestamp>", or the latest unfinished one
@@ -131,8 +132,11 @@ class ModelConfig:
         (pipeline/model/factory.py check_model), after these cheap checks."""
         for key in ("depth", "num_heads"):
             value = getattr(self, key)
-            ok = value is None or isinstance(value, int) or (
-                isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value))
+            ok = (
+                value is None
+                or isinstance(value, int)
+                or (isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value))
+            )
             if not ok:
                 raise ConfigError(f"model.{key}={value!r} must be an int (ViT) or a list of ints per stage (Swin)")
 
@@ -183,8 +187,10 @@ class FinetuneConfig:
             one_of("finetune.rel_pos_method", self.rel_pos_method, REL_POS_METHODS)
         one_of("finetune.reinit_head", self.reinit_head, ("auto", "always", "never"))
         if self.antialias and self.pos_embed_method not in ("bicubic", "bilinear"):
-            raise ConfigError(f"finetune.antialias=true needs finetune.pos_embed_method bicubic or bilinear, "
-                              f"not {self.pos_embed_method!r}")
+            raise ConfigError(
+                f"finetune.antialias=true needs finetune.pos_embed_method bicubic or bilinear, "
+                f"not {self.pos_embed_method!r}"
+            )
 
 
 @dataclass
@@ -240,8 +246,10 @@ class TrackingConfig:
             positive("tracking.peak_tflops", self.peak_tflops)
         uri = self.tracking_uri
         if uri and ":" in uri and uri.split(":", 1)[0].split("+", 1)[0] not in TRACKING_SCHEMES:  # a path: file store
-            raise ConfigError(f"tracking.tracking_uri={uri!r} is not an MLflow store URI; use one of "
-                              f"{', '.join(s + ':' for s in TRACKING_SCHEMES)} (e.g. http://mlflow-host:5000)")
+            raise ConfigError(
+                f"tracking.tracking_uri={uri!r} is not an MLflow store URI; use one of "
+                f"{', '.join(s + ':' for s in TRACKING_SCHEMES)} (e.g. http://mlflow-host:5000)"
+            )
 
 
 @dataclass
@@ -287,8 +295,10 @@ class LaunchConfig:
         if self.tasks_per_node is not None:
             positive("launch.tasks_per_node", self.tasks_per_node)
             if self.cluster == "slurm" and self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
-                raise ConfigError(f"launch.tasks_per_node={self.tasks_per_node} must equal "
-                                  f"launch.gpus_per_node={self.gpus_per_node} (one process per GPU)")
+                raise ConfigError(
+                    f"launch.tasks_per_node={self.tasks_per_node} must equal "
+                    f"launch.gpus_per_node={self.gpus_per_node} (one process per GPU)"
+                )
 
 
 @dataclass
@@ -316,12 +326,25 @@ class Config:
 
     def check(self) -> None:
         """Every section's own checks, then the combinations that span sections."""
-        for section in (self.run, self.data, self.augment, self.model, self.optim, self.finetune, self.deepspeed,
-                        self.checkpoint, self.eval, self.tracking, self.launch):
+        for section in (
+            self.run,
+            self.data,
+            self.augment,
+            self.model,
+            self.optim,
+            self.finetune,
+            self.deepspeed,
+            self.checkpoint,
+            self.eval,
+            self.tracking,
+            self.launch,
+        ):
             section.check()
         if self.optim.ema_decay is not None and self.deepspeed.zero_stage == 3:
-            raise ConfigError("optim.ema_decay needs every rank to hold the whole model; ZeRO-3 partitions it. "
-                              "Use deepspeed.zero_stage 0, 1 or 2 with EMA, or unset optim.ema_decay")
+            raise ConfigError(
+                "optim.ema_decay needs every rank to hold the whole model; ZeRO-3 partitions it. "
+                "Use deepspeed.zero_stage 0, 1 or 2 with EMA, or unset optim.ema_decay"
+            )
         check_batch(self, self.world_size)
 
 
@@ -331,4 +354,5 @@ def check_batch(config: Config, world_size: int) -> None:
     if config.data.batch_size % per_step:
         raise ConfigError(
             f"data.batch_size={config.data.batch_size} (global) is not divisible by world size {world_size} x "
-            f"optim.grad_accum_steps={config.optim.grad_accum_steps} = {per_step}; use a multiple of {per_step}")
+            f"optim.grad_accum_steps={config.optim.grad_accum_steps} = {per_step}; use a multiple of {per_step}"
+        )

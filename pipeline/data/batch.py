@@ -45,8 +45,12 @@ class BatchBuilder:
     def _buffer(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         slot = self.batches % self.recycle if self.recycle else None
         self.batches += 1
-        if slot is not None and slot < len(self.ring) and self.ring[slot].shape == shape \
-                and self.ring[slot].dtype == dtype:
+        if (
+            slot is not None
+            and slot < len(self.ring)
+            and self.ring[slot].shape == shape
+            and self.ring[slot].dtype == dtype
+        ):
             return self.ring[slot]
         if self.shared:  # allocated in shared memory directly, as torch's default_collate does
             storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.empty(0, dtype=dtype).element_size())
@@ -54,7 +58,7 @@ class BatchBuilder:
         else:
             buffer = torch.empty(shape, dtype=dtype)
         if slot is not None:
-            self.ring[slot:slot + 1] = [buffer]
+            self.ring[slot : slot + 1] = [buffer]
         return buffer
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,4 +75,3 @@ def _as_tensor(item) -> torch.Tensor:
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array).permute(2, 0, 1)
-

@@ -14,8 +14,16 @@ from pipeline.data.transforms import build_transforms
 class RankData:
     """Train and val loaders for one rank, epoch by epoch."""
 
-    def __init__(self, config, plan: DataPlan, rank: int, world: int, img_size: int, pin_memory: bool,
-                 require_labels: bool = True):
+    def __init__(
+        self,
+        config,
+        plan: DataPlan,
+        rank: int,
+        world: int,
+        img_size: int,
+        pin_memory: bool,
+        require_labels: bool = True,
+    ):
         self.config, self.plan, self.rank, self.world = config, plan, rank, world
         self.require_labels = require_labels
         self.micro_batch = config.micro_batch_size(world)
@@ -29,11 +37,26 @@ class RankData:
         epoch cost ~0.2 s of waiting and discarded its prefetched batches at every epoch, ~6% of the demo).
         The caller must be done with a batch's images when it asks for the next (buffers are recycled)."""
         d = self.config.data
-        workers = d.num_workers if d.resampled else usable_workers(d.num_workers, len(self.plan.train_shards), self.world)
+        workers = (
+            d.num_workers if d.resampled else usable_workers(d.num_workers, len(self.plan.train_shards), self.world)
+        )
         epoch_batches = self.plan.steps_per_epoch * self.config.optim.grad_accum_steps
-        spec = StreamSpec(tuple(self.plan.train_shards), self.micro_batch, self.config.run.seed, epoch, self.rank,
-                          self.world, workers, True, d.shuffle_buffer, d.resampled, skip_batches, epoch_batches,
-                          recycle_buffers=d.prefetch_factor + 3, require_labels=self.require_labels)
+        spec = StreamSpec(
+            tuple(self.plan.train_shards),
+            self.micro_batch,
+            self.config.run.seed,
+            epoch,
+            self.rank,
+            self.world,
+            workers,
+            True,
+            d.shuffle_buffer,
+            d.resampled,
+            skip_batches,
+            epoch_batches,
+            recycle_buffers=d.prefetch_factor + 3,
+            require_labels=self.require_labels,
+        )
         return make_loader(spec, self.train_transform, prefetch_factor=d.prefetch_factor, pin_memory=self.pin_memory)
 
     def val_batches(self) -> Optional[DataLoader]:
@@ -42,7 +65,15 @@ class RankData:
         if not mine:
             return None
         d = self.config.data
-        spec = StreamSpec(tuple(self.plan.val_shards), self.micro_batch, 0, 0, self.rank, self.world,
-                          min(d.num_workers, len(mine)), False, require_labels=self.require_labels)
+        spec = StreamSpec(
+            tuple(self.plan.val_shards),
+            self.micro_batch,
+            0,
+            0,
+            self.rank,
+            self.world,
+            min(d.num_workers, len(mine)),
+            False,
+            require_labels=self.require_labels,
+        )
         return make_loader(spec, self.eval_transform, prefetch_factor=d.prefetch_factor, pin_memory=self.pin_memory)
-

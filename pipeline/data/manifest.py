@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,8 +24,16 @@ def manifest_path(path_or_dir: str | os.PathLike) -> Path:
     return p / MANIFEST_NAME if p.is_dir() else p
 
 
-def write_manifest(out_dir: Path, *, classes: list[str], image_format: str, splits: dict[str, dict], source: str,
-                   settings: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> Path:
+def write_manifest(
+    out_dir: Path,
+    *,
+    classes: list[str],
+    image_format: str,
+    splits: dict[str, dict],
+    source: str,
+    settings: dict[str, Any],
+    extra: Optional[dict[str, Any]] = None,
+) -> Path:
     """Write manifest.json atomically and durably; call only after every shard is in place."""
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -36,7 +44,7 @@ def write_manifest(out_dir: Path, *, classes: list[str], image_format: str, spli
         "splits": splits,
         "source": source,
         "settings": settings,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         **(extra or {}),
     }
     final = Path(out_dir) / MANIFEST_NAME

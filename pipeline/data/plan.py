@@ -34,12 +34,13 @@ def expand_shards(pattern: str, key: str = "data.train_shards") -> list[str]:
     missing = [u for u in local if not os.path.exists(u)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"{key}: shard {missing[0]} not found{more}; build shards with 'make shards' "
-                        f"or point {key} at existing .tar files")
+        raise DataError(
+            f"{key}: shard {missing[0]} not found{more}; build shards with 'make shards' "
+            f"or point {key} at existing .tar files"
+        )
     if not urls:
         raise DataError(f"{key}={pattern!r} matches no shards")
     return urls
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -51,8 +52,9 @@ def derive_seed(*parts: int) -> int:
     return zlib.crc32(json.dumps(parts).encode()) & 0x7FFFFFFF
 
 
-def deal_shards(shards: list[str], *, seed: int, epoch: int, rank: int, world: int,
-                shuffle: bool = True, cycle: int = 0) -> list[str]:
+def deal_shards(
+    shards: list[str], *, seed: int, epoch: int, rank: int, world: int, shuffle: bool = True, cycle: int = 0
+) -> list[str]:
     """This rank's shards for one pass: shuffled by (seed, epoch, cycle), then every world-th."""
     order = list(shards)
     if shuffle:
@@ -63,7 +65,6 @@ def deal_shards(shards: list[str], *, seed: int, epoch: int, rank: int, world: i
 def usable_workers(num_workers: int, shards: int, world: int) -> int:
     """Workers that each get at least one shard on every rank (an empty worker would spin or hang)."""
     return max(1, min(num_workers, shards // world)) if num_workers > 0 else 0
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,12 +91,16 @@ def plan_data(config, world_size: int) -> DataPlan:
     manifest = find_manifest(train, d.manifest)
     train_samples = d.train_samples or (manifest and count_in_manifest(manifest, train))
     if not train_samples and not d.samples_per_epoch:
-        raise DataError("data.train_samples is unknown: no manifest.json lists these shards; set "
-                        "data.train_samples (samples in one pass) or data.resampled=true with data.samples_per_epoch")
+        raise DataError(
+            "data.train_samples is unknown: no manifest.json lists these shards; set "
+            "data.train_samples (samples in one pass) or data.resampled=true with data.samples_per_epoch"
+        )
     if not d.resampled and len(train) < world_size:
-        raise DataError(f"data.train_shards: {len(train)} shard(s) for {world_size} ranks; every rank needs at "
-                        f"least one. Write more, smaller shards (make shards ARGS='--samples-per-shard N') "
-                        f"or set data.resampled=true with data.samples_per_epoch")
+        raise DataError(
+            f"data.train_shards: {len(train)} shard(s) for {world_size} ranks; every rank needs at "
+            f"least one. Write more, smaller shards (make shards ARGS='--samples-per-shard N') "
+            f"or set data.resampled=true with data.samples_per_epoch"
+        )
     per_epoch = d.samples_per_epoch or train_samples
     steps = per_epoch // d.batch_size
     if steps < 1:
@@ -103,4 +108,3 @@ def plan_data(config, world_size: int) -> DataPlan:
     val_samples = manifest and val and count_in_manifest(manifest, val) or None
     classes = manifest.get("classes") if manifest else None
     return DataPlan(train, val, int(train_samples or per_epoch), val_samples, classes, steps)
-

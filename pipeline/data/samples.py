@@ -60,4 +60,3 @@ def seed_sample(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.default_generator.manual_seed(seed)
-

@@ -34,23 +34,48 @@ def _build_parser() -> argparse.ArgumentParser:
             "demo set or from an ImageFolder tree (<dir>/<class_name>/<images>)."
         ),
     )
-    p.add_argument("--source", default="digits",
-                   help="'digits' (default: scikit-learn's 8x8 digits) or a path to an ImageFolder directory")
-    p.add_argument("--out", default=None,
-                   help="output directory (default: data/digits for digits; required for a directory source)")
-    p.add_argument("--samples-per-shard", type=int, default=None,
-                   help="samples per tar shard (default: 200 for digits, 1000 otherwise)")
-    p.add_argument("--max-side", type=int, default=None,
-                   help="ImageFolder only: shrink images so the longer side is at most this (never enlarges)")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="fraction of each class held out as 'val', in [0, 1) (default: 1/6 for digits, 0 otherwise)")
+    p.add_argument(
+        "--source",
+        default="digits",
+        help="'digits' (default: scikit-learn's 8x8 digits) or a path to an ImageFolder directory",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: data/digits for digits; required for a directory source)",
+    )
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=None,
+        help="samples per tar shard (default: 200 for digits, 1000 otherwise)",
+    )
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        help="ImageFolder only: shrink images so the longer side is at most this (never enlarges)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="fraction of each class held out as 'val', in [0, 1) (default: 1/6 for digits, 0 otherwise)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for the train/val split and train order (default: 0)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="digits only: output image side in pixels (default: 32)")
-    p.add_argument("--format", dest="image_format", choices=["png", "jpg"], default=None,
-                   help="image encoding in the shards (default: png for digits, jpg otherwise)")
-    p.add_argument("--force", action="store_true",
-                   help="rewrite even if a complete manifest with the same settings exists")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="digits only: output image side in pixels (default: 32)"
+    )
+    p.add_argument(
+        "--format",
+        dest="image_format",
+        choices=["png", "jpg"],
+        default=None,
+        help="image encoding in the shards (default: png for digits, jpg otherwise)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="rewrite even if a complete manifest with the same settings exists"
+    )
     return p
 
 
@@ -162,4 +187,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

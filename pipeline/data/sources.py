@@ -36,8 +36,6 @@ def _check_fraction(val_fraction: float) -> float:
     return val_fraction
 
 
-
-
 # --------------------------------------------------------------------------
 # digits demo set
 # --------------------------------------------------------------------------
@@ -84,9 +82,7 @@ def write_digits(
     labels = digits.target.astype(int)
     indices = np.arange(len(labels))
     if val_fraction > 0:
-        train_idx, val_idx = train_test_split(
-            indices, test_size=val_fraction, stratify=labels, random_state=seed
-        )
+        train_idx, val_idx = train_test_split(indices, test_size=val_fraction, stratify=labels, random_state=seed)
     else:
         train_idx, val_idx = indices, indices[:0]
     train_idx = np.random.default_rng(seed).permutation(np.sort(train_idx))
@@ -159,7 +155,8 @@ def _split_imagefolder(root: Path, classes: list[str], val_fraction: float, seed
     val: list[tuple[str, Path, int, str]] = []
     for label, name in enumerate(classes):
         files = sorted(
-            p for p in (root / name).rglob("*")
+            p
+            for p in (root / name).rglob("*")
             if p.is_file() and p.suffix.lower() in IMAGE_FILE_SUFFIXES and not p.name.startswith(".")
         )
         if not files:
@@ -229,8 +226,12 @@ def write_imagefolder(
     out = begin_output(out_dir)
     specs = [
         write_split(
-            _readable(root, items, skipped), out, split,
-            samples_per_shard=samples_per_shard, max_side=max_side, image_format=ext,
+            _readable(root, items, skipped),
+            out,
+            split,
+            samples_per_shard=samples_per_shard,
+            max_side=max_side,
+            image_format=ext,
         )
         for split, items in (("train", train), ("val", val))
     ]
@@ -247,5 +248,3 @@ def write_imagefolder(
         settings=settings,
         extra={"skipped_files": len(skipped)},
     )
-
-

@@ -21,8 +21,8 @@ import itertools
 import logging
 import os
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -82,8 +82,9 @@ class ShardStream(IterableDataset):
                 yield rng.choice(s.shards)
         cycle = 0
         while True:
-            mine = deal_shards(list(s.shards), seed=s.seed, epoch=epoch, rank=s.rank, world=s.world,
-                               shuffle=s.training, cycle=cycle)[stream::streams]
+            mine = deal_shards(
+                list(s.shards), seed=s.seed, epoch=epoch, rank=s.rank, world=s.world, shuffle=s.training, cycle=cycle
+            )[stream::streams]
             yield from mine
             if not s.training:
                 return
@@ -120,17 +121,27 @@ class ShardStream(IterableDataset):
         s = self.spec
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        state = _WorkerState(BatchBuilder(s.batch_size, shared=info is not None,
-                                          recycle=s.recycle_buffers if s.training and info is not None else 0),
-                             Counter(), _SavedRng(active=info is None))
+        state = _WorkerState(
+            BatchBuilder(
+                s.batch_size,
+                shared=info is not None,
+                recycle=s.recycle_buffers if s.training and info is not None else 0,
+            ),
+            Counter(),
+            _SavedRng(active=info is None),
+        )
         if not s.training:  # one pass over this worker's share
             yield from self._epoch_stream(s.epoch, worker, workers, 0, state)
             state.rng.restore()
             if len(state.batch):  # the last, partial eval batch
                 yield *state.batch.take(), state.counter.skipped, state.counter.last_error
             elif state.counter.skipped:  # report drops even without a final batch
-                yield (torch.empty(0, 3, 1, 1), torch.empty(0, dtype=torch.long), state.counter.skipped,
-                       state.counter.last_error)
+                yield (
+                    torch.empty(0, 3, 1, 1),
+                    torch.empty(0, dtype=torch.long),
+                    state.counter.skipped,
+                    state.counter.last_error,
+                )
             return
         stream = (s.epoch * s.epoch_batches + s.skip_batches + worker) % workers
         epoch, first = s.epoch, s.skip_batches
@@ -141,8 +152,9 @@ class ShardStream(IterableDataset):
             yield from itertools.islice(self._epoch_stream(epoch, stream, workers, skip, state), count)
             epoch, first = epoch + 1, 0
 
-    def _epoch_stream(self, epoch: int, stream: int, streams: int, skip_batches: int, state: "_WorkerState"
-                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, str]]:
+    def _epoch_stream(
+        self, epoch: int, stream: int, streams: int, skip_batches: int, state: _WorkerState
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, str]]:
         """Full batches of one sample stream of one epoch (endless when training), the first ``skip_batches``
         skipped before decoding."""
         s = self.spec
@@ -174,9 +186,9 @@ class ShardStream(IterableDataset):
 class _WorkerState:
     """What a worker carries from one epoch's stream to the next."""
 
-    batch: "BatchBuilder"
+    batch: BatchBuilder
     counter: Counter
-    rng: "_SavedRng"
+    rng: _SavedRng
 
 
 class _SavedRng:
@@ -203,8 +215,14 @@ def make_loader(spec: StreamSpec, transform, *, prefetch_factor: int = 4, pin_me
     kwargs = dict(prefetch_factor=prefetch_factor, worker_init_fn=_quiet_stop_signals) if spec.workers > 0 else {}
     # Its own generator: otherwise creating the loader draws from the global torch RNG, and a resumed run
     # (which creates it at a different point) would continue with different dropout/mixup randomness.
-    return DataLoader(ShardStream(spec, transform), batch_size=None, num_workers=spec.workers,
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(spec.seed), **kwargs)
+    return DataLoader(
+        ShardStream(spec, transform),
+        batch_size=None,
+        num_workers=spec.workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(spec.seed),
+        **kwargs,
+    )
 
 
 def _quiet_stop_signals(_worker_id: int) -> None:
@@ -217,4 +235,3 @@ def _quiet_stop_signals(_worker_id: int) -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-

@@ -146,7 +146,6 @@ def _encode(image: Image.Image | bytes, ext: str, max_side: int | None) -> bytes
     return buf.getvalue()
 
 
-
 class _ShardFile:
     """One shard being written to a temp file and renamed into place on commit.
 
@@ -197,8 +196,9 @@ def _remove_stale_shards(out_dir: Path, split: str, keep: int) -> None:
             p.unlink()
 
 
-def _members(key: str, image, label: int | None, meta: dict | None, ext: str, max_side: int | None,
-             seen: set[str], split: str) -> dict[str, bytes]:
+def _members(
+    key: str, image, label: int | None, meta: dict | None, ext: str, max_side: int | None, seen: set[str], split: str
+) -> dict[str, bytes]:
     """One sample's tar members: the encoded image, ``.cls`` (unless unlabelled: label None), ``.json``."""
     if not key or "." in key or "/" in key or "\\" in key:
         raise ValueError(f"sample key must be non-empty without '.', '/' or '\\': {key!r}")
@@ -284,4 +284,3 @@ def begin_output(out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     return out
-

@@ -70,14 +70,21 @@ def load_file(path: Path, mmap: bool = False) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
         lines = [line for line in str(exc).splitlines() if "Unsupported global" in line]
-        raise CheckpointError(f"{path}: cannot be loaded with weights_only=True "
-                              f"({lines[0].strip() if lines else type(exc).__name__ + ': ' + str(exc)[:300]})") from None
+        raise CheckpointError(
+            f"{path}: cannot be loaded with weights_only=True "
+            f"({lines[0].strip() if lines else type(exc).__name__ + ': ' + str(exc)[:300]})"
+        ) from None
 
 
 def _stage_and_precision(ds_config: dict) -> tuple[int, str]:
     stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
-    precision = "bf16" if (ds_config.get("bf16") or {}).get("enabled") else \
-        "fp16" if (ds_config.get("fp16") or {}).get("enabled") else "fp32"
+    precision = (
+        "bf16"
+        if (ds_config.get("bf16") or {}).get("enabled")
+        else "fp16"
+        if (ds_config.get("fp16") or {}).get("enabled")
+        else "fp32"
+    )
     return stage, precision
 
 
@@ -97,7 +104,7 @@ def consolidate(tag_dir: str | Path) -> Consolidated:
         sd = _stage0(first, precision, tag_dir)
     else:
         sd = _zero(tag_dir, model_files, first, stage, world)
-    expected = [k for k in first["module"]]
+    expected = list(first["module"])
     missing = [k for k in expected if k not in sd]
     if missing:
         raise CheckpointError(f"{tag_dir}: consolidation lost {len(missing)} tensor(s), e.g. {missing[:3]}")
@@ -128,12 +135,16 @@ def _stage0(states: dict, precision: str, tag_dir: Path) -> dict[str, Tensor]:
         if isinstance(master, Tensor):  # flat: split at the parameters' sizes
             sizes = [module[n].numel() for n in group]
             if sum(sizes) != master.numel():
-                raise CheckpointError(f"{tag_dir}: fp32 master group of {master.numel()} values does not match "
-                                      f"the run's param group of {sum(sizes)}")
+                raise CheckpointError(
+                    f"{tag_dir}: fp32 master group of {master.numel()} values does not match "
+                    f"the run's param group of {sum(sizes)}"
+                )
             master = master.split(sizes)
         if len(master) != len(group):
-            raise CheckpointError(f"{tag_dir}: fp32 master group of {len(master)} tensors does not match the "
-                                  f"run's param group of {len(group)}")
+            raise CheckpointError(
+                f"{tag_dir}: fp32 master group of {len(master)} tensors does not match the "
+                f"run's param group of {len(group)}"
+            )
         for name, value in zip(group, master):
             low = module[name]
             value = value.reshape(low.shape)
@@ -147,14 +158,16 @@ def _param_group_names(tag_dir: Path) -> list[list[str]]:
     """Names per optimizer param group, as the run that wrote the checkpoint grouped them (pipeline/engine.py),
     on a model built on the meta device (no memory, no init cost)."""
     from pipeline.config import ConfigError, from_yaml_file
-    from pipeline.rundir import RunDir
     from pipeline.model.factory import create_model
+    from pipeline.rundir import RunDir
     from pipeline.train.optim import param_groups
 
     run_config = RunDir(tag_dir.parent.parent).config
     if not run_config.exists():
-        raise CheckpointError(f"{tag_dir}: a ZeRO-0 low-precision checkpoint needs its run's config.yaml "
-                              f"(looked for {run_config}) to lay out the fp32 master weights")
+        raise CheckpointError(
+            f"{tag_dir}: a ZeRO-0 low-precision checkpoint needs its run's config.yaml "
+            f"(looked for {run_config}) to lay out the fp32 master weights"
+        )
     try:
         config = from_yaml_file(run_config)
     except ConfigError as exc:
@@ -172,8 +185,10 @@ def _zero(tag_dir: Path, model_files: list[Path], first: dict, stage: int, world
 
     optim_files = sorted(tag_dir.glob(OPTIM_STATES), key=_rank_order)
     if len(optim_files) != world:
-        raise CheckpointError(f"{tag_dir}: {len(optim_files)} optimizer partition file(s) for the {world} "
-                              f"ranks that wrote it; the checkpoint is incomplete")
+        raise CheckpointError(
+            f"{tag_dir}: {len(optim_files)} optimizer partition file(s) for the {world} "
+            f"ranks that wrote it; the checkpoint is incomplete"
+        )
     model_states = [_model_state(first if i == 0 else load_file(f), z) for i, f in enumerate(model_files)]
     flats, paddings = [], None
     key = z.SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else z.FP32_FLAT_GROUPS
@@ -192,12 +207,17 @@ def _zero(tag_dir: Path, model_files: list[Path], first: dict, stage: int, world
 
 def _model_state(states: dict, z):
     """zero_to_fp32.parse_model_states for one already-loaded file."""
-    buffers = {k: v.float() if v.is_floating_point() else v
-               for k, v in states["module"].items() if k in states[z.BUFFER_NAMES]}
-    return z.zero_model_state(buffers=buffers, param_shapes=states[z.PARAM_SHAPES],
-                              shared_params=[[k, v] for k, v in (states.get("shared_params") or {}).items()],
-                              ds_version=states.get(z.DS_VERSION), frozen_param_shapes=states.get(z.FROZEN_PARAM_SHAPES),
-                              frozen_param_fragments=states.get(z.FROZEN_PARAM_FRAGMENTS))
+    buffers = {
+        k: v.float() if v.is_floating_point() else v for k, v in states["module"].items() if k in states[z.BUFFER_NAMES]
+    }
+    return z.zero_model_state(
+        buffers=buffers,
+        param_shapes=states[z.PARAM_SHAPES],
+        shared_params=[[k, v] for k, v in (states.get("shared_params") or {}).items()],
+        ds_version=states.get(z.DS_VERSION),
+        frozen_param_shapes=states.get(z.FROZEN_PARAM_SHAPES),
+        frozen_param_fragments=states.get(z.FROZEN_PARAM_FRAGMENTS),
+    )
 
 
 def save_safetensors(state_dict: dict[str, Tensor], path: Path, metadata: Optional[dict] = None) -> None:
@@ -205,6 +225,9 @@ def save_safetensors(state_dict: dict[str, Tensor], path: Path, metadata: Option
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp),
-              metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    save_file(
+        {k: v.contiguous() for k, v in state_dict.items()},
+        str(tmp),
+        metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()},
+    )
     tmp.replace(path)

@@ -25,13 +25,21 @@ def export_model(config: Config, run: RunDir, tag: str, ema_state: Optional[dict
 
     out = run.model_dir
     out.mkdir(exist_ok=True)
-    meta = {"run_dir": str(run.path), "checkpoint": tag, "model": config.model.name,
-            "img_size": config.model.img_size, "num_classes": config.model.num_classes}
+    meta = {
+        "run_dir": str(run.path),
+        "checkpoint": tag,
+        "model": config.model.name,
+        "img_size": config.model.img_size,
+        "num_classes": config.model.num_classes,
+    }
     weights = backbone_state(config, consolidate(run.checkpoints / tag).state_dict)
     save_safetensors(weights, out / "model.safetensors", meta)
     if ema_state is not None:
-        save_safetensors(backbone_state(config, {k: v.float().clone() for k, v in ema_state.items()}),
-                         out / "model_ema.safetensors", meta)
+        save_safetensors(
+            backbone_state(config, {k: v.float().clone() for k, v in ema_state.items()}),
+            out / "model_ema.safetensors",
+            meta,
+        )
     shutil.copyfile(run.config, out / run.config.name)
     (out / "metrics.json").write_text(json.dumps(final, indent=2))
     for path in sorted(out.iterdir()):
@@ -70,9 +78,17 @@ def register(config: Config, run_id: Optional[str], run: RunDir) -> Optional[str
             return str(existing[0].version)
         source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_DIR}"
         info = json.loads(run.pretrained_info.read_text()) if run.pretrained_info.exists() else {}
-        tags = {"pretrain_run_id": info.get("mlflow_run_id") or "unknown", "pretrain_checkpoint": info.get("checkpoint")}
+        tags = {
+            "pretrain_run_id": info.get("mlflow_run_id") or "unknown",
+            "pretrain_checkpoint": info.get("checkpoint"),
+        }
         return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
     except Exception as exc:
-        log.warning("registering the model as %r in MLflow failed (%s: %s); it is in %s", name,
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", MODEL_DIR)
+        log.warning(
+            "registering the model as %r in MLflow failed (%s: %s); it is in %s",
+            name,
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+            MODEL_DIR,
+        )
         return None

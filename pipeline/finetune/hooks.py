@@ -23,8 +23,10 @@ class FinetuneHooks(StageHooks):
 
             source = RunDir(config.finetune.pretrained or "")
             if not source.is_complete():
-                raise ConfigError(f"the pretraining run {source} did not finish (no summary.json): resume it, "
-                                  f"then start the fine-tune (make finetune PRETRAINED={source})")
+                raise ConfigError(
+                    f"the pretraining run {source} did not finish (no summary.json): resume it, "
+                    f"then start the fine-tune (make finetune PRETRAINED={source})"
+                )
             resolve_pretrained(config, str(source.path), family=None)
             run.write_config(config)
             run.pretrained_ready.write_text(str(config.finetune.weights))
@@ -48,6 +50,7 @@ class FinetuneHooks(StageHooks):
         from pipeline.train import checkpoint as ckpt
         from pipeline.train.ema import ema_state
 
-        export_model(trainer.config, trainer.run, ckpt.tag_for(trainer.step), ema_state(trainer.ema),
-                     trainer.tracker, final)
+        export_model(
+            trainer.config, trainer.run, ckpt.tag_for(trainer.step), ema_state(trainer.ema), trainer.tracker, final
+        )
         end_parent_run(trainer.config)  # a fine-tune nested under a pipeline run is that pipeline's last stage

@@ -30,8 +30,10 @@ def load_pretrained(model: torch.nn.Module, config: Config, run: RunDir, *, is_m
 
     weights = Path(config.finetune.weights or "")
     if not weights.is_file():
-        raise FileNotFoundError(f"finetune.weights={config.finetune.weights}: the converted pretrained weights "
-                                f"are gone; start the fine-tune again with --pretrained to convert them")
+        raise FileNotFoundError(
+            f"finetune.weights={config.finetune.weights}: the converted pretrained weights "
+            f"are gone; start the fine-tune again with --pretrained to convert them"
+        )
     report = load_adapted(model, load_file(str(weights)), **adapt_kwargs(config))
     if is_main:
         info_file = weights.parent / INFO_FILE
@@ -49,11 +51,21 @@ def log_lineage(tracker, run: RunDir) -> None:
         return
     info = json.loads(info_file.read_text())
     report = json.loads(report_file.read_text()) if report_file.exists() else {}
-    lineage = {"pretrain_run_id": info.get("mlflow_run_id") or "unknown", "pretrain_checkpoint": info["checkpoint"],
-               "pretrain_run_dir": info["run_dir"], "pretrain_zero_stage": info["zero_stage"],
-               "pretrain_world_size": info["world_size"]}
-    tracker.set_tags({**lineage, "adaptation": ", ".join(
-        f"{len(report.get(k, []))} {k}" for k in ("adapted", "reinitialized", "dropped", "missing"))})
+    lineage = {
+        "pretrain_run_id": info.get("mlflow_run_id") or "unknown",
+        "pretrain_checkpoint": info["checkpoint"],
+        "pretrain_run_dir": info["run_dir"],
+        "pretrain_zero_stage": info["zero_stage"],
+        "pretrain_world_size": info["world_size"],
+    }
+    tracker.set_tags(
+        {
+            **lineage,
+            "adaptation": ", ".join(
+                f"{len(report.get(k, []))} {k}" for k in ("adapted", "reinitialized", "dropped", "missing")
+            ),
+        }
+    )
     tracker.log_params(lineage)
     for path in (info_file, report_file):
         if path.exists():

@@ -44,8 +44,11 @@ def resolve_pretrained(config: Config, pretrained: Optional[str], family: Option
     config.finetune.weights = str((cache / WEIGHTS_FILE).resolve())
     if config.finetune.register_as is None and family:
         config.finetune.register_as = f"{family}-finetuned"
-    print(f"pretrained: {tag_dir} (ZeRO-{info['zero_stage']}, {info['world_size']} rank(s), "
-          f"MLflow run {info['mlflow_run_id'] or 'unknown'})", file=sys.stderr)
+    print(
+        f"pretrained: {tag_dir} (ZeRO-{info['zero_stage']}, {info['world_size']} rank(s), "
+        f"MLflow run {info['mlflow_run_id'] or 'unknown'})",
+        file=sys.stderr,
+    )
 
 
 def find_checkpoint(source: Optional[str], config: Config, family: Optional[str]) -> Path:
@@ -54,16 +57,19 @@ def find_checkpoint(source: Optional[str], config: Config, family: Optional[str]
         root = Path(config.run.root)
         run = RunsRoot(root).latest_finished("pretrain", family)
         if run is None:
-            raise ConfigError(f"--pretrained not given and no finished pretraining run of '{family}' under {root}/ "
-                              f"(pretrain-{family}-*/summary.json); run 'make pretrain' first, or {WHAT}")
+            raise ConfigError(
+                f"--pretrained not given and no finished pretraining run of '{family}' under {root}/ "
+                f"(pretrain-{family}-*/summary.json); run 'make pretrain' first, or {WHAT}"
+            )
         return _checkpoint_in(run.path, f"the latest finished pretraining run {run}")
     path = Path(source)
     if path.exists():
         return _checkpoint_in(path, f"--pretrained {source}")
     if MLFLOW_RUN_ID.fullmatch(source):
         return _checkpoint_in(_run_dir_of(source, config), f"--pretrained {source} (MLflow run)")
-    raise ConfigError(f"--pretrained {source}: no such file or directory, and not an MLflow run id "
-                      f"(32 hex digits); {WHAT}")
+    raise ConfigError(
+        f"--pretrained {source}: no such file or directory, and not an MLflow run id (32 hex digits); {WHAT}"
+    )
 
 
 def _checkpoint_in(path: Path, what: str) -> Path:
@@ -73,19 +79,22 @@ def _checkpoint_in(path: Path, what: str) -> Path:
     checkpoints = RunDir(path.parent.parent).checkpoints.name
     if path.parent.name == checkpoints and path.name.startswith("step"):  # one checkpoint
         if not (path / ckpt.MARKER).exists():
-            raise ConfigError(f"{what}: checkpoint {path.name} is incomplete (no {ckpt.MARKER} marker: its save "
-                              f"did not finish); give the run dir to use its newest complete checkpoint")
+            raise ConfigError(
+                f"{what}: checkpoint {path.name} is incomplete (no {ckpt.MARKER} marker: its save "
+                f"did not finish); give the run dir to use its newest complete checkpoint"
+            )
         return path
     ckpt_dir = path if path.name == checkpoints else RunDir(path).checkpoints
     if not ckpt_dir.is_dir():
         raise ConfigError(f"{what}: {path} is not a pipeline run (no checkpoints/ folder in it); {WHAT}")
     tag = ckpt.latest_complete(ckpt_dir)
     if tag is None:
-        raise ConfigError(f"{what}: {ckpt_dir} holds no complete checkpoint (none has a {ckpt.MARKER} marker); "
-                          f"resume that run first or {WHAT}")
+        raise ConfigError(
+            f"{what}: {ckpt_dir} holds no complete checkpoint (none has a {ckpt.MARKER} marker); "
+            f"resume that run first or {WHAT}"
+        )
     if not RunDir(ckpt_dir.parent).is_complete():
-        print(f"note: {ckpt_dir.parent} has not finished; using its newest complete checkpoint {tag}",
-              file=sys.stderr)
+        print(f"note: {ckpt_dir.parent} has not finished; using its newest complete checkpoint {tag}", file=sys.stderr)
     return ckpt_dir / tag
 
 
@@ -99,14 +108,18 @@ def _run_dir_of(run_id: str, config: Config) -> Path:
 
         run = MlflowClient(tracking_uri=uri).get_run(run_id)
     except Exception as exc:  # RESOURCE_DOES_NOT_EXIST, or the store is unreachable
-        raise ConfigError(f"--pretrained {run_id}: no such MLflow run in {uri} "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); {WHAT}") from None
+        raise ConfigError(
+            f"--pretrained {run_id}: no such MLflow run in {uri} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); {WHAT}"
+        ) from None
     run_dir = run.data.tags.get("run_dir")
     if not run_dir:
         raise ConfigError(f"--pretrained {run_id}: MLflow run has no run_dir tag (not logged by this pipeline); {WHAT}")
     if not Path(run_dir).is_dir():
-        raise ConfigError(f"--pretrained {run_id}: its run dir {run_dir} does not exist on this machine; give "
-                          f"a copy of it as --pretrained <dir>")
+        raise ConfigError(
+            f"--pretrained {run_id}: its run dir {run_dir} does not exist on this machine; give "
+            f"a copy of it as --pretrained <dir>"
+        )
     return Path(run_dir)
 
 
@@ -131,12 +144,20 @@ def convert(tag_dir: Path, cache: Path) -> dict:
         raise ConfigError(f"--pretrained: {exc}") from None
     run = RunDir(tag_dir.parent.parent)
     state_dict = _backbone_state(run, result.state_dict)
-    info = {"checkpoint": str(tag_dir), "run_dir": str(run.path), "tag": tag_dir.name, "step": ckpt.step_of(tag_dir.name),
-            "mlflow_run_id": run.mlflow_run_id.read_text().strip() if run.mlflow_run_id.exists() else None,
-            "zero_stage": result.zero_stage, "world_size": result.world_size, "precision": result.precision,
-            "deepspeed_version": result.ds_version, "tensors": len(state_dict),
-            "parameters": sum(v.numel() for v in state_dict.values()),
-            "final_eval": run.read_summary().get("final") if run.is_complete() else None}
+    info = {
+        "checkpoint": str(tag_dir),
+        "run_dir": str(run.path),
+        "tag": tag_dir.name,
+        "step": ckpt.step_of(tag_dir.name),
+        "mlflow_run_id": run.mlflow_run_id.read_text().strip() if run.mlflow_run_id.exists() else None,
+        "zero_stage": result.zero_stage,
+        "world_size": result.world_size,
+        "precision": result.precision,
+        "deepspeed_version": result.ds_version,
+        "tensors": len(state_dict),
+        "parameters": sum(v.numel() for v in state_dict.values()),
+        "final_eval": run.read_summary().get("final") if run.is_complete() else None,
+    }
     tmp = temp_path(cache)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -144,8 +165,11 @@ def convert(tag_dir: Path, cache: Path) -> dict:
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
     shutil.rmtree(cache, ignore_errors=True)
     tmp.replace(cache)
-    print(f"converted {tag_dir} (ZeRO-{result.zero_stage}, {result.world_size} rank(s)) to {cache / WEIGHTS_FILE} "
-          f"in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    print(
+        f"converted {tag_dir} (ZeRO-{result.zero_stage}, {result.world_size} rank(s)) to {cache / WEIGHTS_FILE} "
+        f"in {time.perf_counter() - start:.1f}s",
+        file=sys.stderr,
+    )
     return info
 
 
@@ -159,8 +183,12 @@ def _backbone_state(run: RunDir, state_dict: dict) -> dict:
 
 def adapt_kwargs(config: Config) -> dict:
     f = config.finetune
-    return {"method": f.pos_embed_method, "antialias": f.antialias, "rel_pos_method": f.rel_pos_method,
-            "reinit_head": None if f.reinit_head == "never" else f.reinit_head}
+    return {
+        "method": f.pos_embed_method,
+        "antialias": f.antialias,
+        "rel_pos_method": f.rel_pos_method,
+        "reinit_head": None if f.reinit_head == "never" else f.reinit_head,
+    }
 
 
 def check_adaptable(config: Config, weights: Path, tag_dir: Path) -> None:
@@ -177,12 +205,16 @@ def check_adaptable(config: Config, weights: Path, tag_dir: Path) -> None:
         _, report = adapt_state_dict(load_file(str(weights)), model, **adapt_kwargs(config))
     except AdaptationError as exc:
         lines = [line.strip() for line in str(exc).splitlines()]
-        raise ConfigError(f"--pretrained {tag_dir} does not fit model.name={config.model.name} as configured "
-                          f"(the model section must match the pretraining run's, except img_size/window_size "
-                          f"and num_classes): {lines[0]} {'; '.join(lines[1:4])}") from None
+        raise ConfigError(
+            f"--pretrained {tag_dir} does not fit model.name={config.model.name} as configured "
+            f"(the model section must match the pretraining run's, except img_size/window_size "
+            f"and num_classes): {lines[0]} {'; '.join(lines[1:4])}"
+        ) from None
     classifier = model.pretrained_cfg.get("classifier") or "head"
     heads = {k for k in model.state_dict() if k.startswith(f"{classifier}.")}
     missing = [k for k in report.missing if k not in heads]
     if missing:
-        raise ConfigError(f"--pretrained {tag_dir} lacks {len(missing)} tensor(s) the model has, e.g. "
-                          f"{missing[:3]}; it is another architecture (compare the model sections)")
+        raise ConfigError(
+            f"--pretrained {tag_dir} lacks {len(missing)} tensor(s) the model has, e.g. "
+            f"{missing[:3]}; it is another architecture (compare the model sections)"
+        )

@@ -18,6 +18,7 @@ The resampling functions are pure tensor -> tensor functions (no model construct
 ``adapt_state_dict`` only reads ``model.state_dict()`` and a few attributes
 (``patch_embed.grid_size``, ``num_prefix_tokens``, ``no_embed_class``, ``window_size``).
 """
+
 from __future__ import annotations
 
 import math
@@ -70,6 +71,7 @@ class AdaptationError(ValueError):
 # pure resampling functions
 # --------------------------------------------------------------------------------------
 
+
 def _pair(x: Any, name: str) -> tuple[int, int]:
     if isinstance(x, int):
         x = (x, x)
@@ -86,8 +88,7 @@ def _check_method(method: str, allowed: tuple[str, ...], antialias: bool = False
     if method not in allowed:
         raise ValueError(f"unsupported interpolation method {method!r}; allowed: {', '.join(allowed)}")
     if antialias and method not in _ANTIALIAS_METHODS:
-        raise ValueError(
-            f"antialias=True is only supported with {', '.join(_ANTIALIAS_METHODS)} (got {method!r})")
+        raise ValueError(f"antialias=True is only supported with {', '.join(_ANTIALIAS_METHODS)} (got {method!r})")
 
 
 def _square_side(n: int) -> int | None:
@@ -96,12 +97,12 @@ def _square_side(n: int) -> int | None:
 
 
 def resample_pos_embed(
-        pos_embed: Tensor,
-        new_grid: tuple[int, int],
-        old_grid: tuple[int, int] | None = None,
-        num_prefix_tokens: int = 1,
-        method: str = "bicubic",
-        antialias: bool = False,
+    pos_embed: Tensor,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 1,
+    method: str = "bicubic",
+    antialias: bool = False,
 ) -> Tensor:
     """Resample a (1, prefix + H*W, C) absolute position embedding to ``new_grid``.
 
@@ -134,13 +135,15 @@ def resample_pos_embed(
         if side is None or side == 0:
             raise ValueError(
                 f"pos_embed has {num_grid_tokens} grid tokens after {num_prefix_tokens} prefix tokens, "
-                f"which is not a square grid; pass old_grid=(H, W)")
+                f"which is not a square grid; pass old_grid=(H, W)"
+            )
         old_grid = (side, side)
     old_grid = _pair(old_grid, "old_grid")
     if old_grid[0] * old_grid[1] != num_grid_tokens:
         raise ValueError(
             f"old_grid {old_grid} has {old_grid[0] * old_grid[1]} tokens but pos_embed has "
-            f"{num_grid_tokens} grid tokens (+{num_prefix_tokens} prefix)")
+            f"{num_grid_tokens} grid tokens (+{num_prefix_tokens} prefix)"
+        )
     if old_grid == new_grid:
         return pos_embed
     # timm's function does exactly what we want (split prefix, float32, NCHW interpolate with
@@ -166,10 +169,10 @@ def _table_window(rows: int) -> tuple[int, int] | None:
 
 
 def resize_rel_pos_bias_table(
-        table: Tensor,
-        new_window: tuple[int, int],
-        old_window: tuple[int, int] | None = None,
-        method: str = "bicubic",
+    table: Tensor,
+    new_window: tuple[int, int],
+    old_window: tuple[int, int] | None = None,
+    method: str = "bicubic",
 ) -> Tensor:
     """Resize a Swin relative position bias table ((2Wh-1)*(2Ww-1), heads) to ``new_window``.
 
@@ -192,8 +195,7 @@ def resize_rel_pos_bias_table(
     if old_window is None:
         old_window = _table_window(rows)
         if old_window is None:
-            raise ValueError(
-                f"table with {rows} rows is not (2W-1)^2 for a square window; pass old_window=(Wh, Ww)")
+            raise ValueError(f"table with {rows} rows is not (2W-1)^2 for a square window; pass old_window=(Wh, Ww)")
     old_window = _pair(old_window, "old_window")
     src = (2 * old_window[0] - 1, 2 * old_window[1] - 1)
     dst = (2 * new_window[0] - 1, 2 * new_window[1] - 1)
@@ -203,8 +205,8 @@ def resize_rel_pos_bias_table(
         return table
     if method == "geometric":
         return _timm_resize_rel_pos_bias_table(
-            table, new_window_size=new_window, new_bias_shape=(dst[0] * dst[1], heads),
-            old_window_size=old_window)
+            table, new_window_size=new_window, new_bias_shape=(dst[0] * dst[1], heads), old_window_size=old_window
+        )
     # Direct F.interpolate instead of timm's resize_rel_pos_bias_table_simple: the latter only
     # handles square sources, hard-codes bicubic and does not upcast half-precision inputs.
     grid = table.float().transpose(0, 1).reshape(1, heads, src[0], src[1])
@@ -220,12 +222,14 @@ def relative_position_index(window: tuple[int, int]) -> Tensor:
         return _swin_rel_pos_index(wh, ww)
     # same construction, generic helper (also used by BEiT-style models)
     from timm.layers.pos_embed_rel import gen_relative_position_index
+
     return gen_relative_position_index((wh, ww))
 
 
 # --------------------------------------------------------------------------------------
 # state-dict adaptation
 # --------------------------------------------------------------------------------------
+
 
 def _shape(t: Any) -> tuple:
     return tuple(int(s) for s in t.shape)
@@ -245,6 +249,7 @@ class AdaptationReport:
     def to_dict(self) -> dict:
         def rows(items):
             return [{"name": n, "old_shape": list(a), "new_shape": list(b)} for n, a, b in items]
+
         return {
             "adapted": rows(self.adapted),
             "reinitialized": rows(self.reinitialized),
@@ -328,14 +333,16 @@ def _adapt_token_pos_embed(key, v, target, owner, old_grid, method, antialias) -
         new_grid = (side, side)
     if new_grid[0] * new_grid[1] + prefix != target.shape[1]:
         raise AdaptationError(
-            f"{key}: model grid {new_grid} + {prefix} prefix tokens != model pos_embed length {target.shape[1]}")
+            f"{key}: model grid {new_grid} + {prefix} prefix tokens != model pos_embed length {target.shape[1]}"
+        )
     n_old = v.shape[1] - prefix
     if old_grid is None:
         side = _square_side(n_old)
         if not side:
             raise AdaptationError(
                 f"{key}: checkpoint has {n_old} grid tokens (+{prefix} prefix), not a square grid; "
-                f"pass old_grid=(H, W) to say how they are laid out")
+                f"pass old_grid=(H, W) to say how they are laid out"
+            )
         old_grid = (side, side)
     old_grid = _pair(old_grid, "old_grid")
     if old_grid[0] * old_grid[1] != n_old:
@@ -346,7 +353,8 @@ def _adapt_token_pos_embed(key, v, target, owner, old_grid, method, antialias) -
 def _adapt_rel_table(key, v, target, owner, method) -> Tensor:
     if v.ndim != 2 or target.ndim != 2 or v.shape[1] != target.shape[1]:
         raise AdaptationError(
-            f"{key}: checkpoint {_shape(v)} vs model {_shape(target)} (number of heads differs; not resampleable)")
+            f"{key}: checkpoint {_shape(v)} vs model {_shape(target)} (number of heads differs; not resampleable)"
+        )
     new_window = getattr(owner, "window_size", None) if owner is not None else None
     extra = 0
     if new_window is not None:
@@ -362,21 +370,21 @@ def _adapt_rel_table(key, v, target, owner, method) -> Tensor:
     old_window = _table_window(body.shape[0])
     if old_window is None:
         raise AdaptationError(
-            f"{key}: checkpoint table {_shape(v)} is not a square window's (2W-1)^2 offsets "
-            f"(+{extra} extra rows)")
+            f"{key}: checkpoint table {_shape(v)} is not a square window's (2W-1)^2 offsets (+{extra} extra rows)"
+        )
     out = resize_rel_pos_bias_table(body, new_window, old_window, method=method)
     return out if tail is None else torch.cat([out, tail], dim=0)
 
 
 def adapt_state_dict(
-        state_dict: dict[str, Tensor],
-        model: torch.nn.Module,
-        *,
-        method: str = "bicubic",
-        antialias: bool = False,
-        reinit_head: str | None = "auto",
-        old_grid: tuple[int, int] | None = None,
-        rel_pos_method: str | None = None,
+    state_dict: dict[str, Tensor],
+    model: torch.nn.Module,
+    *,
+    method: str = "bicubic",
+    antialias: bool = False,
+    reinit_head: str | None = "auto",
+    old_grid: tuple[int, int] | None = None,
+    rel_pos_method: str | None = None,
 ) -> tuple[dict[str, Tensor], AdaptationReport]:
     """Make ``state_dict`` loadable into ``model`` (timm ViT, Swin, or anything with matching keys).
 
@@ -431,7 +439,8 @@ def adapt_state_dict(
             out[k] = new
     if errors:
         raise AdaptationError(
-            f"{len(errors)} checkpoint tensor(s) cannot be adapted to the model:\n  " + "\n  ".join(errors))
+            f"{len(errors)} checkpoint tensor(s) cannot be adapted to the model:\n  " + "\n  ".join(errors)
+        )
     report.missing = [k for k in target if k not in sd and not k.endswith(_REBUILT_SUFFIXES)]
     return out, report
 
@@ -452,8 +461,9 @@ def _adapt_tensor(k: str, v: Tensor, t: Tensor, model, old_grid, method, antiali
     same = _shape(v) == _shape(t)
     leaf = k.rsplit(".", 1)[-1]
     if leaf.endswith("pos_embed") and v.ndim == 3 and (not same or (old_grid is not None and leaf == "pos_embed")):
-        new = _adapt_token_pos_embed(k, v, t, _owner(model, k), old_grid if leaf == "pos_embed" else None,
-                                     method, antialias)
+        new = _adapt_token_pos_embed(
+            k, v, t, _owner(model, k), old_grid if leaf == "pos_embed" else None, method, antialias
+        )
     elif leaf.endswith("pos_embed") and v.ndim == 4 and not same:
         # NHWC (1, H, W, C): timm's nhwc helper is exactly this; validate first
         if v.shape[0] != 1 or t.ndim != 4 or v.shape[-1] != t.shape[-1]:
@@ -466,7 +476,8 @@ def _adapt_tensor(k: str, v: Tensor, t: Tensor, model, old_grid, method, antiali
     elif k.endswith("patch_embed.proj.weight"):
         raise AdaptationError(
             f"{k}: checkpoint {_shape(v)} vs model {_shape(t)}: patch size / embed dim differs; "
-            f"patch-embedding resampling is not supported, fine-tune with the pretraining patch size")
+            f"patch-embedding resampling is not supported, fine-tune with the pretraining patch size"
+        )
     else:
         raise AdaptationError(f"{k}: checkpoint {_shape(v)} vs model {_shape(t)}")
     if _shape(new) != _shape(t):  # defensive: never hand back a tensor that won't load

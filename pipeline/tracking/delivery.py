@@ -18,8 +18,13 @@ MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ENTITIES = 1000, 100, 100, 1000
 BATCHED = ("metrics", "params", "tags")  # records that go together into one log_batch call
 # MLflow error codes that no retry can fix (the record itself is refused): drop the record, warn
-PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST",
-                    "RESOURCE_ALREADY_EXISTS"}
+PERMANENT_ERRORS = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_DOES_NOT_EXIST",
+    "INVALID_STATE",
+    "BAD_REQUEST",
+    "RESOURCE_ALREADY_EXISTS",
+}
 # MLflow 3's UI opens an experiment in its GenAI (traces) view unless it is marked as model training
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -104,7 +109,7 @@ class Delivery:
             from mlflow.tracking import MlflowClient
 
             if self.uri.startswith("sqlite:"):
-                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+                Path(self.uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
             self._client = self._call(MlflowClient, tracking_uri=self.uri)
         return self._client
 
@@ -144,8 +149,9 @@ class Delivery:
                 from PIL import Image
 
                 with Image.open(record["path"]) as picture:
-                    self._call(client.log_image, run_id, np.asarray(picture.convert("RGB")),
-                               artifact_file=record["file"])
+                    self._call(
+                        client.log_image, run_id, np.asarray(picture.convert("RGB")), artifact_file=record["file"]
+                    )
             else:
                 self._drop(f"unknown journal record {kind!r}", None)
         except Transient:
@@ -159,8 +165,12 @@ class Delivery:
         experiment = self._call(client.get_experiment_by_name, self.experiment)
         if experiment is None:
             try:
-                experiment_id = self._call(client.create_experiment, self.experiment,
-                                           artifact_location=self.artifact_location, tags=EXPERIMENT_TAGS)
+                experiment_id = self._call(
+                    client.create_experiment,
+                    self.experiment,
+                    artifact_location=self.artifact_location,
+                    tags=EXPERIMENT_TAGS,
+                )
             except Exception as exc:  # created at the same moment by another run
                 if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -170,13 +180,19 @@ class Delivery:
             for key, value in EXPERIMENT_TAGS.items():
                 if key not in experiment.tags:
                     self._call(client.set_experiment_tag, experiment_id, key, value)
-        run = self._call(client.create_run, experiment_id, start_time=record.get("ts"),
-                         run_name=record.get("name"), tags=record.get("tags") or {})
+        run = self._call(
+            client.create_run,
+            experiment_id,
+            start_time=record.get("ts"),
+            run_name=record.get("name"),
+            tags=record.get("tags") or {},
+        )
         self.run_id = run.info.run_id
         atomic_write(self.id_file, self.run_id)
         self.created.set()
-        log.info("MLflow run %s '%s' in experiment '%s' (%s)", self.run_id, record.get("name"), self.experiment,
-                 self.uri)
+        log.info(
+            "MLflow run %s '%s' in experiment '%s' (%s)", self.run_id, record.get("name"), self.experiment, self.uri
+        )
 
     def _entities(self, group: list[dict]):
         from mlflow.entities import Metric, Param, RunTag
@@ -198,9 +214,9 @@ class Delivery:
             # a single record may hold more than one batch (e.g. ~120 config params): chunk it
             while metrics or params or tags:
                 p, t = params[:MAX_PARAMS], tags[:MAX_TAGS]
-                m = metrics[:min(MAX_METRICS, MAX_ENTITIES - len(p) - len(t))]
+                m = metrics[: min(MAX_METRICS, MAX_ENTITIES - len(p) - len(t))]
                 self._call(client.log_batch, run_id, metrics=m, params=p, tags=t)
-                metrics, params, tags = metrics[len(m):], params[len(p):], tags[len(t):]
+                metrics, params, tags = metrics[len(m) :], params[len(p) :], tags[len(t) :]
         except Transient:
             raise
         except Exception as exc:  # refused: find and drop the offending record(s), keep the rest
@@ -221,7 +237,9 @@ def _fits(group: list[dict], record: dict) -> bool:
     counts = {"metrics": 0, "params": 0, "tags": 0}
     for r in group + [record]:
         counts[r["t"]] += len(r["values"])
-    return (counts["metrics"] <= MAX_METRICS and counts["params"] <= MAX_PARAMS and counts["tags"] <= MAX_TAGS
-            and sum(counts.values()) <= MAX_ENTITIES)
-
-
+    return (
+        counts["metrics"] <= MAX_METRICS
+        and counts["params"] <= MAX_PARAMS
+        and counts["tags"] <= MAX_TAGS
+        and sum(counts.values()) <= MAX_ENTITIES
+    )

@@ -6,8 +6,9 @@ import fcntl
 import json
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from pipeline.files import atomic_write
 from pipeline.rundir import RunDir
@@ -128,5 +129,3 @@ def exclusive(run_dir: Path):
     except OSError:  # a filesystem without locks: go ahead
         pass
     return fh
-
-

@@ -46,23 +46,44 @@ def http_defaults() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def server_command(store_uri: str, artifacts: Path, host: str, port: int, workers: int = 1,
-                   allowed_hosts: Optional[str] = None) -> list[str]:
+def server_command(
+    store_uri: str, artifacts: Path, host: str, port: int, workers: int = 1, allowed_hosts: Optional[str] = None
+) -> list[str]:
     """``mlflow server`` on a store, proxying artifacts (--artifacts-destination): experiments the server
     creates get mlflow-artifacts:/ locations, so runs on other machines can upload through it."""
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # GenAI scorers: nothing we use
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri, "--host", host,
-           "--port", str(port), "--workers", str(workers), "--artifacts-destination", artifacts.resolve().as_uri()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        store_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--artifacts-destination",
+        artifacts.resolve().as_uri(),
+    ]
     return cmd + (["--allowed-hosts", allowed_hosts] if allowed_hosts else [])
 
 
-def start_server(store_uri: str, artifacts: Path, port: int, log_path: Path, timeout_s: float = 120.0,
-                 **popen) -> subprocess.Popen:
+def start_server(
+    store_uri: str, artifacts: Path, port: int, log_path: Path, timeout_s: float = 120.0, **popen
+) -> subprocess.Popen:
     """A server on 127.0.0.1:port in its own process group, returned once it answers /health."""
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(server_command(store_uri, artifacts, "127.0.0.1", port), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, **popen)
+        proc = subprocess.Popen(
+            server_command(store_uri, artifacts, "127.0.0.1", port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **popen,
+        )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

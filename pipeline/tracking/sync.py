@@ -28,11 +28,14 @@ def sync_run(run_dir: Path, uri: Optional[str] = None, timeout_s: float = 60.0) 
         return 0, 0, None
     holder = exclusive(run_dir)
     if holder is None:
-        raise ValueError(f"{run_dir}: another process holds its tracking journal (a training job still running, "
-                         "or another tracking-sync); it sends the records itself")
+        raise ValueError(
+            f"{run_dir}: another process holds its tracking journal (a training job still running, "
+            "or another tracking-sync); it sends the records itself"
+        )
     try:
-        delivery = Delivery(run_dir, spool, tracking_uri(config), config.tracking.experiment or "default",
-                            artifact_location(config))
+        delivery = Delivery(
+            run_dir, spool, tracking_uri(config), config.tracking.experiment or "default", artifact_location(config)
+        )
         end = time.monotonic() + timeout_s
         done = delivery.deliver()
         while not done and time.monotonic() < end:
@@ -61,15 +64,19 @@ def sync_command(run_dir: Path, uri: Optional[str], timeout_s: float) -> int:
     try:
         sent, left, error = sync_run(run_dir, uri, timeout_s)
     except (FileNotFoundError, ConfigError) as exc:
-        print(f"error: tracking-sync: {exc}; give a run folder such as runs/<stage>-<config>-<timestamp>",
-              file=sys.stderr)
+        print(
+            f"error: tracking-sync: {exc}; give a run folder such as runs/<stage>-<config>-<timestamp>", file=sys.stderr
+        )
         return 2
     except ValueError as exc:
         print(f"tracking-sync: {exc}", file=sys.stderr)
         return 1
     if left:
-        print(f"tracking-sync: sent {sent} records, {left} still in {RunDir(run_dir).spool}: the store did not "
-              f"answer ({error}); run the same command again later", file=sys.stderr)
+        print(
+            f"tracking-sync: sent {sent} records, {left} still in {RunDir(run_dir).spool}: the store did not "
+            f"answer ({error}); run the same command again later",
+            file=sys.stderr,
+        )
         return 1
     print(f"tracking-sync: {run_dir}: sent {sent} records; nothing left to send", file=sys.stderr)
     return 0

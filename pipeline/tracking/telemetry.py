@@ -96,15 +96,22 @@ class SystemSampler:
 
     def sample(self) -> dict[str, float]:
         memory = self._psutil.virtual_memory()
-        out = {"cpu_percent": self._psutil.cpu_percent(interval=None), "memory_percent": memory.percent,
-               "memory_used_gib": (memory.total - memory.available) / 2**30}
+        out = {
+            "cpu_percent": self._psutil.cpu_percent(interval=None),
+            "memory_percent": memory.percent,
+            "memory_used_gib": (memory.total - memory.available) / 2**30,
+        }
         if self._gpus:
             try:
                 util = [self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._gpus]
                 mem = [self._nvml.nvmlDeviceGetMemoryInfo(h) for h in self._gpus]
-                out.update(gpu_count=len(self._gpus), gpu_utilization_percent=sum(util) / len(util),
-                           gpu_utilization_min_percent=min(util), gpu_memory_used_gib=sum(m.used for m in mem) / 2**30,
-                           gpu_memory_max_percent=max(100.0 * m.used / m.total for m in mem))
+                out.update(
+                    gpu_count=len(self._gpus),
+                    gpu_utilization_percent=sum(util) / len(util),
+                    gpu_utilization_min_percent=min(util),
+                    gpu_memory_used_gib=sum(m.used for m in mem) / 2**30,
+                    gpu_memory_max_percent=max(100.0 * m.used / m.total for m in mem),
+                )
             except Exception:
                 pass
         return out
@@ -142,11 +149,13 @@ class StepTelemetry:
         if self.rank != 0:
             return {}
         rates = [g[2] for g in gathered]
-        metrics = {"images_per_s_per_gpu": sum(rates) / len(rates), "images_per_s_per_gpu_min": min(rates),
-                   "data_wait_fraction_max": max(g[3] for g in gathered)}
+        metrics = {
+            "images_per_s_per_gpu": sum(rates) / len(rates),
+            "images_per_s_per_gpu_min": min(rates),
+            "data_wait_fraction_max": max(g[3] for g in gathered),
+        }
         if self.forward_flops and self.peak:
-            metrics["mfu_percent"] = mfu_percent(images_per_s_total, 3 * self.forward_flops, self.world_size,
-                                                 self.peak)
+            metrics["mfu_percent"] = mfu_percent(images_per_s_total, 3 * self.forward_flops, self.world_size, self.peak)
         seen = set()
         for node, sample, _, _ in gathered:
             if sample is not None and node not in seen:  # one sample per node even if LOCAL_RANK is unset

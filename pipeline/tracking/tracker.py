@@ -40,8 +40,9 @@ SYNC_HINT = "python -m pipeline tracking-sync {run_dir}  (or: make tracking-sync
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -63,8 +64,14 @@ def readable_run_name(stage: str, model_name: str, img_size: Optional[int], when
 def run_tags(config, run_dir: Path, job_id: str = "") -> dict[str, str]:
     """Tags set when the MLflow run is created: where it came from and how to find it again."""
     commit = git_commit()
-    tags = {"stage": config.run.stage, "run_dir": str(run_dir.resolve()), "model": config.model.name,
-            "git_commit": commit, "mlflow.source.git.commit": commit, "launch_host": socket.gethostname()}
+    tags = {
+        "stage": config.run.stage,
+        "run_dir": str(run_dir.resolve()),
+        "model": config.model.name,
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,
+        "launch_host": socket.gethostname(),
+    }
     tags.update(attempt_tags(config, job_id))
     return tags
 
@@ -93,8 +100,17 @@ class Tracker:
 
     All logging methods only append to the journal; ``close`` waits (bounded) for the sender."""
 
-    def __init__(self, config, run_dir: Path, *, enabled: bool, img_size: Optional[int] = None,
-                 run_name: Optional[str] = None, tags: Optional[dict[str, Any]] = None, job_id: str = ""):
+    def __init__(
+        self,
+        config,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        img_size: Optional[int] = None,
+        run_name: Optional[str] = None,
+        tags: Optional[dict[str, Any]] = None,
+        job_id: str = "",
+    ):
         self.enabled = enabled and config.tracking.enabled
         self.job_id = job_id
         self.run_dir = Path(run_dir)
@@ -115,8 +131,13 @@ class Tracker:
         self.final_wait_s = config.tracking.final_wait_s
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.spool = Spool(self.run_dir)
-        self.delivery = Delivery(self.run_dir, self.spool, tracking_uri(config),
-                                 config.tracking.experiment or "default", artifact_location(config))
+        self.delivery = Delivery(
+            self.run_dir,
+            self.spool,
+            tracking_uri(config),
+            config.tracking.experiment or "default",
+            artifact_location(config),
+        )
         # a run whose creation record is still unsent (server down during the previous attempt) is resumed
         self.resumed = self.delivery.run_id is not None or self.spool.has_pending_create()
         self._write_failed = False
@@ -125,8 +146,17 @@ class Tracker:
             self._append("tags", attempt_tags(config, self.job_id))
         else:
             name = run_name or readable_run_name(config.run.stage, config.model.name, img_size)
-            self._record({"t": "create", "ts": _now_ms(), "name": name,
-                          "tags": {**run_tags(config, self.run_dir, self.job_id), **{k: str(v) for k, v in (tags or {}).items()}}})
+            self._record(
+                {
+                    "t": "create",
+                    "ts": _now_ms(),
+                    "name": name,
+                    "tags": {
+                        **run_tags(config, self.run_dir, self.job_id),
+                        **{k: str(v) for k, v in (tags or {}).items()},
+                    },
+                }
+            )
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._deadline = float("inf")
@@ -154,8 +184,11 @@ class Tracker:
         except Exception as exc:  # disk full, permissions, NFS trouble: lose tracking, never training
             if not self._write_failed:
                 self._write_failed = True
-                log.warning("cannot write the tracking journal %s (%s); tracking records are lost until it can",
-                            self.spool.path, first_line(exc))
+                log.warning(
+                    "cannot write the tracking journal %s (%s); tracking records are lost until it can",
+                    self.spool.path,
+                    first_line(exc),
+                )
 
     def _append(self, kind: str, values: dict) -> None:
         if values:
@@ -221,8 +254,12 @@ class Tracker:
             else:
                 failures += 1
                 if failures == 1:
-                    log.warning("MLflow tracking store not reachable (%s); records are kept in %s and sent when it "
-                                "is back; training continues", self.delivery.last_error, self.spool.path)
+                    log.warning(
+                        "MLflow tracking store not reachable (%s); records are kept in %s and sent when it "
+                        "is back; training continues",
+                        self.delivery.last_error,
+                        self.spool.path,
+                    )
             if closing and (done or time.monotonic() >= self._deadline):
                 return
             if closing:
@@ -267,9 +304,15 @@ class Tracker:
                 Path(self._lock_fh.name).unlink(missing_ok=True)
             return True
         self.spool.close()
-        log.warning("MLflow tracking store not reachable for %.0f s at the end of the run (%s): %d tracking records "
-                    "are kept in %s. Upload them when it is back with:\n    %s", wait_s, self.delivery.last_error,
-                    left, self.spool.path, SYNC_HINT.format(run_dir=self.run_dir))
+        log.warning(
+            "MLflow tracking store not reachable for %.0f s at the end of the run (%s): %d tracking records "
+            "are kept in %s. Upload them when it is back with:\n    %s",
+            wait_s,
+            self.delivery.last_error,
+            left,
+            self.spool.path,
+            SYNC_HINT.format(run_dir=self.run_dir),
+        )
         return False
 
     def _atexit(self) -> None:
@@ -301,5 +344,9 @@ def end_parent_run(config, status: str = "FINISHED") -> None:
 
         MlflowClient(tracking_uri=tracking_uri(config)).set_terminated(config.tracking.parent_run_id, status)
     except Exception as exc:
-        log.warning("could not mark the pipeline run %s %s in MLflow (%s)", config.tracking.parent_run_id, status,
-                    first_line(exc))
+        log.warning(
+            "could not mark the pipeline run %s %s in MLflow (%s)",
+            config.tracking.parent_run_id,
+            status,
+            first_line(exc),
+        )

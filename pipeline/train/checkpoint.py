@@ -104,8 +104,12 @@ def _prune(ckpt_dir: Path, keep_last: int, newest: str) -> None:
     """Remove complete tags beyond keep_last and partial ones older than the newest complete one."""
     keep = set(complete_tags(ckpt_dir)[-keep_last:]) | {newest}
     for path in ckpt_dir.iterdir():
-        if path.is_dir() and path.name.startswith("step") and path.name not in keep \
-                and step_of(path.name) < step_of(newest):
+        if (
+            path.is_dir()
+            and path.name.startswith("step")
+            and path.name not in keep
+            and step_of(path.name) < step_of(newest)
+        ):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -27,11 +27,18 @@ class DistEnv:
     def from_environ(cls) -> DistEnv:
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
-            raise RuntimeError(f"not started by a launcher: {', '.join(missing)} unset (use 'make pretrain' or "
-                               "'python -m pipeline pretrain', which set them)")
-        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]),
-                   os.environ.get("VITPIPE_NODE", "localhost"), os.environ.get("VITPIPE_JOB_ID", ""),
-                   int(os.environ.get("VITPIPE_ATTEMPT", "0")))
+            raise RuntimeError(
+                f"not started by a launcher: {', '.join(missing)} unset (use 'make pretrain' or "
+                "'python -m pipeline pretrain', which set them)"
+            )
+        return cls(
+            int(os.environ["RANK"]),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ["WORLD_SIZE"]),
+            os.environ.get("VITPIPE_NODE", "localhost"),
+            os.environ.get("VITPIPE_JOB_ID", ""),
+            int(os.environ.get("VITPIPE_ATTEMPT", "0")),
+        )
 
 
 def init_distributed(config: Config) -> DistEnv:
@@ -44,8 +51,10 @@ def init_distributed(config: Config) -> DistEnv:
     accelerator = get_accelerator()
     if accelerator.device_name() == "cuda":
         accelerator.set_device(env.local_rank)
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
-                               timeout=timedelta(minutes=config.deepspeed.comm_timeout_min))
+    deepspeed.init_distributed(
+        dist_backend=accelerator.communication_backend_name(),
+        timeout=timedelta(minutes=config.deepspeed.comm_timeout_min),
+    )
     return env
 
 
@@ -53,8 +62,9 @@ def device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    return torch.device(accelerator.device_name(accelerator.current_device()) if accelerator.device_name() != "cpu"
-                        else "cpu")
+    return torch.device(
+        accelerator.device_name(accelerator.current_device()) if accelerator.device_name() != "cpu" else "cpu"
+    )
 
 
 def deepspeed_config(config: Config, world_size: int) -> dict:
@@ -89,8 +99,9 @@ def create_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer, con
     the EMA copy was taken, so the EMA stays an eager module and state-dict keys (checkpoints) are unchanged."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                           config=deepspeed_config(config, world_size))
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, config=deepspeed_config(config, world_size)
+    )
     if config.model.compile:
         engine.compile()
     return engine

@@ -17,8 +17,9 @@ def param_groups(model: torch.nn.Module, config: Config) -> list[dict]:
 
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     if config.optim.layer_decay is not None:
-        return param_groups_layer_decay(model, config.optim.weight_decay, no_weight_decay_list=skip,
-                                        layer_decay=config.optim.layer_decay)
+        return param_groups_layer_decay(
+            model, config.optim.weight_decay, no_weight_decay_list=skip, layer_decay=config.optim.layer_decay
+        )
     return param_groups_weight_decay(model, config.optim.weight_decay, no_weight_decay_list=skip)
 
 
@@ -30,14 +31,25 @@ def use_fused_adamw(config: Config, dev: torch.device) -> bool:
 
 def make_optimizer(model: torch.nn.Module, config: Config, dev: torch.device) -> torch.optim.AdamW:
     """torch AdamW over timm's groups (fused per ``use_fused_adamw``)."""
-    return torch.optim.AdamW(param_groups(model, config), lr=config.optim.lr, betas=tuple(config.optim.betas),
-                             eps=config.optim.eps, fused=use_fused_adamw(config, dev) or None)
+    return torch.optim.AdamW(
+        param_groups(model, config),
+        lr=config.optim.lr,
+        betas=tuple(config.optim.betas),
+        eps=config.optim.eps,
+        fused=use_fused_adamw(config, dev) or None,
+    )
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, config: Config, total_steps: int, warmup_steps: int):
     """timm's CosineLRScheduler with warmup, in optimizer steps (``step_update(step)``)."""
     from timm.scheduler import CosineLRScheduler
 
-    return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=config.optim.min_lr,
-                             warmup_t=warmup_steps, warmup_lr_init=config.optim.warmup_lr, warmup_prefix=True,
-                             t_in_epochs=False)
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(total_steps - warmup_steps, 1),
+        lr_min=config.optim.min_lr,
+        warmup_t=warmup_steps,
+        warmup_lr_init=config.optim.warmup_lr,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )

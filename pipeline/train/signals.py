@@ -57,8 +57,9 @@ class StopFlag:
         """Collective. On a CPU gloo group, so on GPUs the check costs no device sync in the hot loop."""
         if self._group is None:
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-        flags = torch.tensor([1 if self.reason else 0] + [int(s in self.signals) for s in STOP_SIGNALS],
-                             dtype=torch.int32)
+        flags = torch.tensor(
+            [1 if self.reason else 0] + [int(s in self.signals) for s in STOP_SIGNALS], dtype=torch.int32
+        )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
         for sig, seen in zip(STOP_SIGNALS, flags[1:].tolist()):
             if seen and sig not in self.signals:  # another rank got it: tell this rank's launcher too
@@ -93,8 +94,10 @@ class Fault:
             if fields or fault.action not in ("raise", "exit", "hang"):
                 raise ValueError
         except (KeyError, ValueError):
-            raise ValueError(f"VITPIPE_FAULT={spec!r}: expected 'rank=R,step=S[,action=raise|exit|hang]' "
-                             "(a test hook; unset it for real runs)") from None
+            raise ValueError(
+                f"VITPIPE_FAULT={spec!r}: expected 'rank=R,step=S[,action=raise|exit|hang]' "
+                "(a test hook; unset it for real runs)"
+            ) from None
         return fault if fault.rank == rank else None
 
     def maybe_trigger(self, step: int, stop: StopFlag) -> None:

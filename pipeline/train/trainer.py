@@ -14,8 +14,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,6 @@ from pipeline.train.optim import make_optimizer, make_schedule
 from pipeline.train.signals import Fault, StopFlag
 
 log = logging.getLogger("pipeline")
-
 
 
 @dataclass
@@ -96,10 +96,18 @@ class Trainer:
         self.total_steps = max(1, round(config.optim.epochs * self.steps_per_epoch))
         optimizer = make_optimizer(module, config, self.dev)
         self.engine = create_engine(module, optimizer, config, env.world_size)
-        self.schedule = make_schedule(optimizer, config, self.total_steps,
-                                      round(config.optim.warmup_epochs * self.steps_per_epoch))
-        self.data = RankData(config, self.plan, env.rank, env.world_size, self.img_size,
-                             pin_memory=self.dev.type == "cuda", require_labels=self.objective.needs_labels)
+        self.schedule = make_schedule(
+            optimizer, config, self.total_steps, round(config.optim.warmup_epochs * self.steps_per_epoch)
+        )
+        self.data = RankData(
+            config,
+            self.plan,
+            env.rank,
+            env.world_size,
+            self.img_size,
+            pin_memory=self.dev.type == "cuda",
+            require_labels=self.objective.needs_labels,
+        )
         self.normalize = DeviceNormalize(config, self.dev)
 
     def resume(self) -> None:
@@ -108,8 +116,10 @@ class Trainer:
             return
         state = ckpt.load(self.engine, self.run.checkpoints, self.resume_tag, rank=self.env.rank)
         if state.get("steps_per_epoch") not in (None, self.steps_per_epoch):
-            raise RuntimeError(f"checkpoint {self.resume_tag} was made with {state['steps_per_epoch']} steps per "
-                               f"epoch, this run has {self.steps_per_epoch}: data or batch size changed")
+            raise RuntimeError(
+                f"checkpoint {self.resume_tag} was made with {state['steps_per_epoch']} steps per "
+                f"epoch, this run has {self.steps_per_epoch}: data or batch size changed"
+            )
         self.step = int(state["step"])
         self.objective.load_state_dict(state.get("objective") or {})
         load_ema_state(self.ema, state.get("ema"))
@@ -132,15 +142,31 @@ class Trainer:
                 hook.on_tracking_started(self)
         restarts = self.run.bump_restarts() if self.resume_tag else 0
         params = count_parameters(self.model)
-        self.tracker.set_tags({**host_tags(env.world_size, hosts), "restarts": restarts, "parameters": params,
-                               "steps_total": self.total_steps, "objective": self.objective.name,
-                               **self.telemetry.tags()})
+        self.tracker.set_tags(
+            {
+                **host_tags(env.world_size, hosts),
+                "restarts": restarts,
+                "parameters": params,
+                "steps_total": self.total_steps,
+                "objective": self.objective.name,
+                **self.telemetry.tags(),
+            }
+        )
         self.tracker.log_metrics({"restarts": restarts}, self.step)
-        log.info("%s %s (%s): %s params, %d ranks on %s, %d steps (%d/epoch, global batch %d, micro %d), %s",
-                 config.run.stage, config.model.name, self.objective.name, f"{params:,}", env.world_size,
-                 ",".join(sorted(set(hosts))), self.total_steps, self.steps_per_epoch, config.data.batch_size,
-                 config.micro_batch_size(env.world_size),
-                 f"resumed from {self.resume_tag}" if self.resume_tag else "fresh")
+        log.info(
+            "%s %s (%s): %s params, %d ranks on %s, %d steps (%d/epoch, global batch %d, micro %d), %s",
+            config.run.stage,
+            config.model.name,
+            self.objective.name,
+            f"{params:,}",
+            env.world_size,
+            ",".join(sorted(set(hosts))),
+            self.total_steps,
+            self.steps_per_epoch,
+            config.data.batch_size,
+            config.micro_batch_size(env.world_size),
+            f"resumed from {self.resume_tag}" if self.resume_tag else "fresh",
+        )
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> int:
@@ -208,20 +234,29 @@ class Trainer:
         loss_sum, skipped = all_sum([window.loss.item(), window.skipped], self.dev)
         elapsed = time.perf_counter() - window.start
         group = self.schedule.optimizer.param_groups[0]
-        metrics = {"train_loss": loss_sum / world / window.steps,
-                   "lr": group["lr"] / group.get("lr_scale", 1.0),
-                   "grad_norm": _finite(self.engine.get_global_grad_norm()),
-                   "images_per_s": window.steps * batch / elapsed, "data_wait_fraction": window.wait_s / elapsed,
-                   "epoch": self.step / self.steps_per_epoch, "skipped_samples": skipped}
-        metrics.update(self.telemetry.at_log_step(  # collective: per-GPU rates, MFU, each node's system load
-            metrics["images_per_s"], window.steps * batch / world / elapsed, window.wait_s / elapsed))
+        metrics = {
+            "train_loss": loss_sum / world / window.steps,
+            "lr": group["lr"] / group.get("lr_scale", 1.0),
+            "grad_norm": _finite(self.engine.get_global_grad_norm()),
+            "images_per_s": window.steps * batch / elapsed,
+            "data_wait_fraction": window.wait_s / elapsed,
+            "epoch": self.step / self.steps_per_epoch,
+            "skipped_samples": skipped,
+        }
+        metrics.update(
+            self.telemetry.at_log_step(  # collective: per-GPU rates, MFU, each node's system load
+                metrics["images_per_s"], window.steps * batch / world / elapsed, window.wait_s / elapsed
+            )
+        )
         if self.is_main:
             self.run.append_train_log({"step": self.step, "train_loss": metrics["train_loss"], "lr": metrics["lr"]})
             self.tracker.log_metrics(metrics, self.step)
             self.progress.update(self.step, metrics)
             if skipped:
-                self.progress.write(f"skipped {int(skipped)} undecodable sample(s) in the last {window.steps} "
-                                    f"steps; last: {window.last_error}")
+                self.progress.write(
+                    f"skipped {int(skipped)} undecodable sample(s) in the last {window.steps} "
+                    f"steps; last: {window.last_error}"
+                )
         window.reset()
 
     def evaluate(self) -> dict[str, float]:
@@ -274,27 +309,50 @@ class Trainer:
     # -- checkpoints and the end -------------------------------------------------------------------
     def save(self, reason: str) -> None:
         """Collective: every rank writes its part; the checkpoint counts once all have (COMPLETE marker)."""
-        state = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
-                 "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
-                 "world_size": self.env.world_size, "reason": reason, "objective": self.objective.state_dict()}
+        state = {
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "step_in_epoch": self.step % self.steps_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.env.world_size,
+            "reason": reason,
+            "objective": self.objective.state_dict(),
+        }
         if self.ema is not None:
             state["ema"] = ema_state(self.ema)
-        result = ckpt.save(self.engine, self.run.checkpoints, self.step, state, rank=self.env.rank,
-                           keep_last=self.config.checkpoint.keep_last)
+        result = ckpt.save(
+            self.engine,
+            self.run.checkpoints,
+            self.step,
+            state,
+            rank=self.env.rank,
+            keep_last=self.config.checkpoint.keep_last,
+        )
         if self.is_main:
-            self.progress.write(f"checkpoint {result.tag} saved ({reason}) in {result.seconds:.1f}s, "
-                                f"{result.bytes / 2**20:.1f} MiB")
-            self.tracker.log_metrics({"checkpoint_seconds": result.seconds, "checkpoint_mib": result.bytes / 2**20},
-                                     self.step)
-            self.tracker.set_tags({"checkpoint.last_path": result.path, "checkpoint.last_step": self.step,
-                                   "checkpoint.last_reason": reason})
+            self.progress.write(
+                f"checkpoint {result.tag} saved ({reason}) in {result.seconds:.1f}s, {result.bytes / 2**20:.1f} MiB"
+            )
+            self.tracker.log_metrics(
+                {"checkpoint_seconds": result.seconds, "checkpoint_mib": result.bytes / 2**20}, self.step
+            )
+            self.tracker.set_tags(
+                {
+                    "checkpoint.last_path": result.path,
+                    "checkpoint.last_step": self.step,
+                    "checkpoint.last_reason": reason,
+                }
+            )
 
     def stop_early(self, reason: str) -> int:
         self.save(f"stop: {reason}")
         self.progress.close()
         if self.is_main:
-            log.info("stopped at step %d/%d (%s); the run resumes from here when started again",
-                     self.step, self.total_steps, reason)
+            log.info(
+                "stopped at step %d/%d (%s); the run resumes from here when started again",
+                self.step,
+                self.total_steps,
+                reason,
+            )
         dist.barrier()
         self.tracker.close()  # bounded wait for the tracking backlog (rank 0), after the other ranks are done
         return EXIT_RESUMABLE
@@ -310,10 +368,17 @@ class Trainer:
             for hook in self.hooks:
                 hook.on_finished(self, final)
             history = [(r["step"], r["train_loss"]) for r in self.run.read_train_log()]
-            summary = {"step": self.step, "epochs": self.config.optim.epochs, "world_size": self.env.world_size,
-                       "optimizer_steps": self.engine.global_steps, "micro_batches": self.engine.micro_steps,
-                       "objective": self.objective.name, "final": final, "loss_history": history,
-                       "checkpoint": str(self.run.checkpoints / ckpt.tag_for(self.step))}
+            summary = {
+                "step": self.step,
+                "epochs": self.config.optim.epochs,
+                "world_size": self.env.world_size,
+                "optimizer_steps": self.engine.global_steps,
+                "micro_batches": self.engine.micro_steps,
+                "objective": self.objective.name,
+                "final": final,
+                "loss_history": history,
+                "checkpoint": str(self.run.checkpoints / ckpt.tag_for(self.step)),
+            }
             atomic_write(self.run.summary, json.dumps(summary, indent=2))
             self.tracker.log_artifact(self.run.summary)
             self.tracker.finish("FINISHED")

@@ -17,16 +17,35 @@ pytestmark = pytest.mark.slow
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
     """`make bench`'s command, in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "benchmarks.bench", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=1200)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=1200
+    )
 
 
 def test_bench_writes_json_and_markdown_with_baselines(digits_shards, tmp_path):
-    result = run_bench("--config", str(ROOT / "configs/bench/cpu_vit_tiny.yaml"), "--out", str(tmp_path),
-                     "--loader-images", "64", "--steps", "1", "--warmup", "0",
-                     f"data.train_shards={digits_shards}/train-{{000000..000003}}.tar", "model.img_size=32",
-                     "model.patch_size=8", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
-                     "data.batch_size=16", f"run.root={tmp_path}", "--rounds", "2", "model.channels_last=true")
+    result = run_bench(
+        "--config",
+        str(ROOT / "configs/bench/cpu_vit_tiny.yaml"),
+        "--out",
+        str(tmp_path),
+        "--loader-images",
+        "64",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        f"data.train_shards={digits_shards}/train-{{000000..000003}}.tar",
+        "model.img_size=32",
+        "model.patch_size=8",
+        "model.embed_dim=32",
+        "model.depth=1",
+        "model.num_heads=2",
+        "data.batch_size=16",
+        f"run.root={tmp_path}",
+        "--rounds",
+        "2",
+        "model.channels_last=true",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning" not in result.stderr.lower(), result.stderr[-3000:]
     [path] = tmp_path.glob("bench-*.json")
@@ -36,11 +55,13 @@ def test_bench_writes_json_and_markdown_with_baselines(digits_shards, tmp_path):
         assert loader[key] > 0, key
     rounds = loader["rounds"]  # the ratios are medians of per-round ratios, as docs/performance.md says
     workers = round(loader["pipeline"] / loader["pipeline_per_worker"])
-    assert loader["streaming_overhead"] == pytest.approx(1 - statistics.median(
-        p / workers / b for p, b in zip(rounds["pipeline"], rounds["bare_uint8_1core"])))
+    assert loader["streaming_overhead"] == pytest.approx(
+        1 - statistics.median(p / workers / b for p, b in zip(rounds["pipeline"], rounds["bare_uint8_1core"]))
+    )
     assert -1 < loader["streaming_overhead"] < 1
-    assert loader["pipeline_vs_timm"] == pytest.approx(statistics.median(
-        p / t for p, t in zip(rounds["pipeline"], rounds["timm_wds"])))
+    assert loader["pipeline_vs_timm"] == pytest.approx(
+        statistics.median(p / t for p, t in zip(rounds["pipeline"], rounds["timm_wds"]))
+    )
     for name in ("deepspeed", "plain"):
         assert data["step"][name]["images_per_s"] > 0 and data["step"][name]["mfu"] > 0
     assert data["machine"]["cores"] >= 1 and data["step"]["gflops_per_image_fwd_bwd"] > 0

@@ -24,8 +24,12 @@ FINETUNE = ROOT / "configs/finetune/digits_vit.yaml"
 
 
 def data_overrides(shards: Path) -> list[str]:
-    return [f"data.train_shards={shards}/train-{{000000..000003}}.tar", f"data.val_shards={shards}/val-000000.tar",
-            "data.num_workers=1", "data.shuffle_buffer=64"]
+    return [
+        f"data.train_shards={shards}/train-{{000000..000003}}.tar",
+        f"data.val_shards={shards}/val-000000.tar",
+        "data.num_workers=1",
+        "data.shuffle_buffer=64",
+    ]
 
 
 def _ok(result):
@@ -41,7 +45,11 @@ def _model_states(tag_dir: Path) -> dict:
 
 
 STAGES = {  # name: (zero stage, precision, ranks); ZeRO-0 fp32 is the quick pretraining run further down
-    "zero0_bf16": (0, "bf16", 1), "zero1_bf16": (1, "bf16", 1), "zero2": (2, "fp32", 2), "zero3": (3, "fp32", 2)}
+    "zero0_bf16": (0, "bf16", 1),
+    "zero1_bf16": (1, "bf16", 1),
+    "zero2": (2, "fp32", 2),
+    "zero3": (3, "fp32", 2),
+}
 # ZeRO-0 low precision keeps one fp32 master group per optimizer param group, laid out as the run grouped them:
 # layer-wise lr decay makes many groups, so that layout is rebuilt from the run's config, not assumed
 EXTRA = {"zero0_bf16": ["optim.layer_decay=0.75"]}
@@ -53,16 +61,29 @@ def stage_runs(digits_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     tags = {}
     for name, (stage, precision, ranks) in STAGES.items():
-        result = run_cli("pretrain", *data_overrides(digits_shards), "data.batch_size=32",
-                         "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
-                         f"optim.epochs={3 * 32 / 1497}", "optim.warmup_epochs=0.01",
-                         f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}", f"launch.nproc={ranks}",
-                         # no clipping: ZeRO-2 and ZeRO-3 sum the gradient norm in different orders, so a clipped
-                         # step differs in the last bits (measured: 7e-9) and the bitwise comparison below would
-                         # test the norm's rounding instead of where each partition goes
-                         "optim.grad_clip=0",
-                         "checkpoint.every_steps=0", "tracking.enabled=false", f"run.root={root}", f"run.name={name}",
-                         *EXTRA.get(name, []), cwd=ROOT)
+        result = run_cli(
+            "pretrain",
+            *data_overrides(digits_shards),
+            "data.batch_size=32",
+            "model.embed_dim=32",
+            "model.depth=1",
+            "model.num_heads=2",
+            f"optim.epochs={3 * 32 / 1497}",
+            "optim.warmup_epochs=0.01",
+            f"deepspeed.zero_stage={stage}",
+            f"deepspeed.precision={precision}",
+            f"launch.nproc={ranks}",
+            # no clipping: ZeRO-2 and ZeRO-3 sum the gradient norm in different orders, so a clipped
+            # step differs in the last bits (measured: 7e-9) and the bitwise comparison below would
+            # test the norm's rounding instead of where each partition goes
+            "optim.grad_clip=0",
+            "checkpoint.every_steps=0",
+            "tracking.enabled=false",
+            f"run.root={root}",
+            f"run.name={name}",
+            *EXTRA.get(name, []),
+            cwd=ROOT,
+        )
         _ok(result)
         tags[name] = root / name / "checkpoints/step00000003"
     return tags
@@ -70,8 +91,10 @@ def stage_runs(digits_shards, tmp_path_factory):
 
 @pytest.mark.slow
 def test_every_zero_stage_converts_to_the_complete_fp32_model(stage_runs):
-    config = load_config(ROOT / "configs/pretrain/digits_vit.yaml",
-                         ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.num_classes=10"])
+    config = load_config(
+        ROOT / "configs/pretrain/digits_vit.yaml",
+        ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.num_classes=10"],
+    )
     reference = create_model(config.model, 10).state_dict()
     for name, (stage, precision, ranks) in STAGES.items():
         result = consolidate(stage_runs[name])
@@ -119,12 +142,24 @@ def pretrained(digits_shards, tmp_path_factory):
     """The digits demo ViT made shallow and trained briefly at 32x32 (ZeRO-0 fp32, 1 rank): a real pipeline run,
     also the ZeRO-0 case of the conversion (its converted weights must score exactly the run's final eval)."""
     root = tmp_path_factory.mktemp("runs")
-    result = run_cli("pretrain", *data_overrides(digits_shards), *PRETRAIN_MODEL, "data.batch_size=64",
-                     "optim.epochs=12", "optim.warmup_epochs=1", "optim.lr=3e-3",
-                     "augment.scale=[0.25,1]",  # zooms up to 2x: the scale the 64px model sees
-                     "deepspeed.zero_stage=0",
-                     "eval.every_steps=0", "checkpoint.every_steps=0", "tracking.log_every_steps=50",
-                     f"run.root={root}", "run.name=pre", cwd=ROOT, timeout=1500)  # ~1 min idle; shared CPUs
+    result = run_cli(
+        "pretrain",
+        *data_overrides(digits_shards),
+        *PRETRAIN_MODEL,
+        "data.batch_size=64",
+        "optim.epochs=12",
+        "optim.warmup_epochs=1",
+        "optim.lr=3e-3",
+        "augment.scale=[0.25,1]",  # zooms up to 2x: the scale the 64px model sees
+        "deepspeed.zero_stage=0",
+        "eval.every_steps=0",
+        "checkpoint.every_steps=0",
+        "tracking.log_every_steps=50",
+        f"run.root={root}",
+        "run.name=pre",
+        cwd=ROOT,
+        timeout=1500,
+    )  # ~1 min idle; shared CPUs
     _ok(result)
     return root, root / "pre"
 
@@ -182,10 +217,24 @@ def test_resampled_position_embeddings_keep_accuracy_at_twice_the_resolution(pre
 def finetuned(pretrained, digits_shards):
     """Fine-tune of the quick run, named by its MLflow run id: 2 ranks, ZeRO-2, EMA, 3 steps."""
     root, pre = pretrained
-    args = ["finetune", "--config", str(FINETUNE), "--pretrained", (pre / "mlflow_run_id").read_text().strip(),
-            *data_overrides(digits_shards), *PRETRAIN_MODEL, "data.batch_size=64", f"optim.epochs={3 * 64 / 1497}",
-            "optim.warmup_epochs=0.01", "optim.ema_decay=0.9", "deepspeed.zero_stage=2", "launch.nproc=2",
-            "tracking.log_every_steps=1", f"run.root={root}", "run.name=ft"]
+    args = [
+        "finetune",
+        "--config",
+        str(FINETUNE),
+        "--pretrained",
+        (pre / "mlflow_run_id").read_text().strip(),
+        *data_overrides(digits_shards),
+        *PRETRAIN_MODEL,
+        "data.batch_size=64",
+        f"optim.epochs={3 * 64 / 1497}",
+        "optim.warmup_epochs=0.01",
+        "optim.ema_decay=0.9",
+        "deepspeed.zero_stage=2",
+        "launch.nproc=2",
+        "tracking.log_every_steps=1",
+        f"run.root={root}",
+        "run.name=ft",
+    ]
     return root, pre, root / "ft", run_cli(*args, cwd=ROOT)
 
 
@@ -202,12 +251,19 @@ def test_finetune_run_is_linked_to_its_pretraining_run_in_mlflow(finetuned):
     assert run.data.tags["pretrain_run_id"] == pre_id and run.data.params["pretrain_run_id"] == pre_id
     checkpoint = str(Path(json.loads((pre / "summary.json").read_text())["checkpoint"]).resolve())
     assert run.data.tags["pretrain_checkpoint"] == checkpoint == run.data.params["finetune.pretrained"]
-    assert run.data.params["finetune.pos_embed_method"] == "bicubic" and run.data.params["finetune.antialias"] == "False"
+    assert (
+        run.data.params["finetune.pos_embed_method"] == "bicubic" and run.data.params["finetune.antialias"] == "False"
+    )
     assert {"val_top1", "val_top1_ema"} <= set(run.data.metrics)
 
     artifacts = {a.path for folder in ("", "lineage", "model") for a in client.list_artifacts(run_id, folder or None)}
-    assert {"lineage/adaptation.json", "lineage/pretrained.json", "model/model.safetensors",
-            "model/model_ema.safetensors", "model/config.yaml"} <= artifacts
+    assert {
+        "lineage/adaptation.json",
+        "lineage/pretrained.json",
+        "model/model.safetensors",
+        "model/model_ema.safetensors",
+        "model/config.yaml",
+    } <= artifacts
     report = json.loads((run_dir / "adaptation.json").read_text())
     assert report["adapted"] == [{"name": "pos_embed", "old_shape": [1, 65, 64], "new_shape": [1, 257, 64]}]
     assert report["method"] == "bicubic" and report["pretrained"]["mlflow_run_id"] == pre_id
@@ -261,8 +317,19 @@ def test_bad_pretrained_is_one_error_and_exit_2(tmp_path, digits_shards, capsys,
 @pytest.mark.slow
 def test_pretrained_of_another_architecture_is_refused_before_launch(pretrained, digits_shards):
     root, pre = pretrained
-    result = run_cli("finetune", "--config", str(FINETUNE), "--pretrained", str(pre), *data_overrides(digits_shards),
-                     "model.embed_dim=96", "model.depth=2", "model.num_heads=2", f"run.root={root}", cwd=ROOT)
+    result = run_cli(
+        "finetune",
+        "--config",
+        str(FINETUNE),
+        "--pretrained",
+        str(pre),
+        *data_overrides(digits_shards),
+        "model.embed_dim=96",
+        "model.depth=2",
+        "model.num_heads=2",
+        f"run.root={root}",
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --pretrained") and "does not fit" in last and "blocks.0" in last

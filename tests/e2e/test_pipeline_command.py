@@ -16,15 +16,30 @@ STEPS = 4
 
 def test_pipeline_pretrains_then_fine_tunes_from_that_run(digits_shards, tmp_path):
     result = run_cli(
-        "pipeline", f"data.train_shards={digits_shards}/train-{{000000..000003}}.tar",
-        f"data.val_shards={digits_shards}/val-000000.tar", "data.batch_size=32", "data.num_workers=0",
-        "model.embed_dim=32", "model.depth=1", "model.num_heads=2", f"optim.epochs={STEPS * 32 / 1497}",
-        "optim.warmup_epochs=0.05", "deepspeed.precision=fp32", "checkpoint.every_steps=0", "launch.nproc=1",
-        f"run.root={tmp_path}", "run.name=p", cwd=ROOT)
+        "pipeline",
+        f"data.train_shards={digits_shards}/train-{{000000..000003}}.tar",
+        f"data.val_shards={digits_shards}/val-000000.tar",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "model.embed_dim=32",
+        "model.depth=1",
+        "model.num_heads=2",
+        f"optim.epochs={STEPS * 32 / 1497}",
+        "optim.warmup_epochs=0.05",
+        "deepspeed.precision=fp32",
+        "checkpoint.every_steps=0",
+        "launch.nproc=1",
+        f"run.root={tmp_path}",
+        "run.name=p",
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     pretrain, finetune = tmp_path / "p-pretrain", tmp_path / "p-finetune"
-    assert result.stderr.index(f"new pretrain run: {pretrain}") < result.stderr.index(f"finished: {pretrain}") \
+    assert (
+        result.stderr.index(f"new pretrain run: {pretrain}")
+        < result.stderr.index(f"finished: {pretrain}")
         < result.stderr.index("new finetune run")
+    )
     assert json.loads((pretrain / "summary.json").read_text())["step"] == STEPS
     assert json.loads((finetune / "summary.json").read_text())["step"] == STEPS
     source = json.loads((finetune / "pretrained.json").read_text())

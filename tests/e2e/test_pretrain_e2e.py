@@ -19,14 +19,30 @@ STOP_AT = 4
 
 def overrides(shards: Path, runs: Path, name: str, *extra: str) -> list[str]:
     """A tiny ViT on digits, 2 ranks x 2 accumulated micro batches of 8, ZeRO-2, 8 steps, loss logged every step."""
-    return [f"data.train_shards={shards}/train-{{000000..000003}}.tar", f"data.val_shards={shards}/val-000000.tar",
-            "data.batch_size=32", "optim.grad_accum_steps=2", "data.num_workers=1", "data.shuffle_buffer=64",
-            "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.drop_path_rate=0.1",
-            "augment.mixup=0.2",  # exercises the main-process RNG too
-            f"optim.epochs={TOTAL_STEPS * 32 / 1497}", "optim.warmup_epochs=0.05",
-            "deepspeed.zero_stage=2", "deepspeed.precision=fp32", "launch.nproc=2",
-            "checkpoint.every_steps=3", "eval.every_steps=0", "tracking.log_every_steps=1",
-            f"run.root={runs}", f"run.name={name}", *extra]
+    return [
+        f"data.train_shards={shards}/train-{{000000..000003}}.tar",
+        f"data.val_shards={shards}/val-000000.tar",
+        "data.batch_size=32",
+        "optim.grad_accum_steps=2",
+        "data.num_workers=1",
+        "data.shuffle_buffer=64",
+        "model.embed_dim=32",
+        "model.depth=1",
+        "model.num_heads=2",
+        "model.drop_path_rate=0.1",
+        "augment.mixup=0.2",  # exercises the main-process RNG too
+        f"optim.epochs={TOTAL_STEPS * 32 / 1497}",
+        "optim.warmup_epochs=0.05",
+        "deepspeed.zero_stage=2",
+        "deepspeed.precision=fp32",
+        "launch.nproc=2",
+        "checkpoint.every_steps=3",
+        "eval.every_steps=0",
+        "tracking.log_every_steps=1",
+        f"run.root={runs}",
+        f"run.name={name}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +51,9 @@ def runs(digits_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     results = {}
     results["full"] = run_cli("pretrain", *overrides(digits_shards, root, "full"), cwd=ROOT)
-    results["first"] = run_cli("pretrain", *overrides(digits_shards, root, "resumed", f"run.stop_at_step={STOP_AT}"),
-                               cwd=ROOT)
+    results["first"] = run_cli(
+        "pretrain", *overrides(digits_shards, root, "resumed", f"run.stop_at_step={STOP_AT}"), cwd=ROOT
+    )
     results["changed"] = run_cli("pretrain", *overrides(digits_shards, root, "resumed", "optim.lr=0.5"), cwd=ROOT)
     partial = root / "resumed/checkpoints" / f"step{STOP_AT + 1:08d}"  # a save killed half-way: no COMPLETE marker
     partial.mkdir()

@@ -37,12 +37,28 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
         self.log = root.parent / f"{root.name}-server-{self.port}.log"
 
-    def start(self, timeout_s: float = 240.0) -> "MlflowServer":
+    def start(self, timeout_s: float = 240.0) -> MlflowServer:
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline", "ui", "--root", str(self.root), "--port", str(self.port),
-                 "--workers", "1"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "ui",
+                    "--root",
+                    str(self.root),
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         _wait_for(self._healthy, timeout_s, f"mlflow server on {self.uri} (log {self.log})")
         return self
 
@@ -55,7 +71,7 @@ class MlflowServer:
         except OSError:
             return False
 
-    def up(self) -> "MlflowServer":
+    def up(self) -> MlflowServer:
         return self if self.proc is not None and self.proc.poll() is None else self.start()
 
     def kill(self) -> None:
@@ -150,7 +166,9 @@ def test_tracker_survives_a_server_down_at_start_and_killed_mid_run(server, tmp_
 
 
 def git_head() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_tracker_sends_everything_with_readable_names_tags_and_a_parent_run(live, tmp_path):
@@ -234,13 +252,28 @@ STOP_AT = 3
 def train_overrides(shards: Path, root: Path) -> list[str]:
     """A tiny ViT on digits, 2 ranks, 24 steps, every step logged; peak_tflops set so that MFU is
     computed on CPU too."""
-    return [f"data.train_shards={shards}/train-{{000000..000003}}.tar", f"data.val_shards={shards}/val-000000.tar",
-            "data.batch_size=32", "data.num_workers=1", "data.shuffle_buffer=64",
-            "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
-            f"optim.epochs={TOTAL_STEPS * 32 / 1497}", "optim.warmup_epochs=0.05",
-            "deepspeed.zero_stage=1", "deepspeed.precision=fp32", "launch.nproc=2",
-            "checkpoint.every_steps=0", "eval.every_steps=0", "tracking.log_every_steps=1",
-            "tracking.flush_every_s=0.2", "tracking.peak_tflops=0.5", f"run.root={root}", "run.name=outage"]
+    return [
+        f"data.train_shards={shards}/train-{{000000..000003}}.tar",
+        f"data.val_shards={shards}/val-000000.tar",
+        "data.batch_size=32",
+        "data.num_workers=1",
+        "data.shuffle_buffer=64",
+        "model.embed_dim=32",
+        "model.depth=1",
+        "model.num_heads=2",
+        f"optim.epochs={TOTAL_STEPS * 32 / 1497}",
+        "optim.warmup_epochs=0.05",
+        "deepspeed.zero_stage=1",
+        "deepspeed.precision=fp32",
+        "launch.nproc=2",
+        "checkpoint.every_steps=0",
+        "eval.every_steps=0",
+        "tracking.log_every_steps=1",
+        "tracking.flush_every_s=0.2",
+        "tracking.peak_tflops=0.5",
+        f"run.root={root}",
+        "run.name=outage",
+    ]
 
 
 def _spool_records(run_dir: Path) -> int:
@@ -258,9 +291,14 @@ def outage_run(digits_shards, server, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     run_dir = root / "outage"
     out = {"server": server, "root": root, "run_dir": run_dir}
-    out["first"] = run_cli("pretrain", *train_overrides(digits_shards, root), f"run.stop_at_step={STOP_AT}",
-                           "tracking.final_wait_s=1", cwd=ROOT,
-                           env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    out["first"] = run_cli(
+        "pretrain",
+        *train_overrides(digits_shards, root),
+        f"run.stop_at_step={STOP_AT}",
+        "tracking.final_wait_s=1",
+        cwd=ROOT,
+        env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"},
+    )
     srv = server.up()
     env = {"MLFLOW_TRACKING_URI": srv.uri}
     try:
@@ -269,10 +307,21 @@ def outage_run(digits_shards, server, tmp_path_factory):
         out["parent_id"] = parent_id
         log = root / "second.log"
         with open(log, "wb") as f:
-            proc = subprocess.Popen([sys.executable, "-m", "pipeline", "pretrain", *train_overrides(digits_shards, root),
-                                     f"tracking.parent_run_id={parent_id}", "tracking.final_wait_s=300"],
-                                    cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=f,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "pretrain",
+                    *train_overrides(digits_shards, root),
+                    f"tracking.parent_run_id={parent_id}",
+                    "tracking.final_wait_s=300",
+                ],
+                cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
         client = MlflowClient(srv.uri)
 
         def delivered_past_resume():
@@ -285,8 +334,12 @@ def outage_run(digits_shards, server, tmp_path_factory):
         out["killed_ms"] = int(time.time() * 1000)
         out["training_done_at_kill"] = (run_dir / "summary.json").exists()
         killed_at = _spool_records(run_dir)
-        _wait_for(lambda: _spool_records(run_dir) >= killed_at + 3 or (run_dir / "summary.json").exists(), 300,
-                  "records logged while the server is down", proc)
+        _wait_for(
+            lambda: _spool_records(run_dir) >= killed_at + 3 or (run_dir / "summary.json").exists(),
+            300,
+            "records logged while the server is down",
+            proc,
+        )
         srv.start()
         out["second_rc"] = proc.wait(timeout=600)
         out["second_log"] = log.read_text()
@@ -324,9 +377,22 @@ def test_training_completes_through_outages_with_every_step_logged(outage_run):
     assert run.data.tags["checkpoint.last_path"].endswith(f"step{TOTAL_STEPS:08d}")
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "restarts")] == [(0, 0.0), (STOP_AT, 1.0)]
     node = node_name()
-    for key in ("lr", "grad_norm", "images_per_s", "images_per_s_per_gpu", "images_per_s_per_gpu_min",
-                "data_wait_fraction", "skipped_samples", "mfu_percent", "val_top1", "val_top5",
-                "checkpoint_seconds", "checkpoint_mib", f"system/{node}/cpu_percent", f"system/{node}/memory_percent"):
+    for key in (
+        "lr",
+        "grad_norm",
+        "images_per_s",
+        "images_per_s_per_gpu",
+        "images_per_s_per_gpu_min",
+        "data_wait_fraction",
+        "skipped_samples",
+        "mfu_percent",
+        "val_top1",
+        "val_top5",
+        "checkpoint_seconds",
+        "checkpoint_mib",
+        f"system/{node}/cpu_percent",
+        f"system/{node}/memory_percent",
+    ):
         assert key in run.data.metrics, key
     assert 0 < run.data.metrics["mfu_percent"] < 100
     assert run.data.params["tracking.log_every_steps"] == "1"
@@ -340,8 +406,16 @@ def test_training_completes_through_outages_with_every_step_logged(outage_run):
 # The UI in a real browser
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 
 
 @pytest.fixture(scope="module")
@@ -376,8 +450,10 @@ def test_mlflow_ui_shows_the_experiment_runs_charts_and_artifacts(chromium, outa
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 1150})
             # the assistant side panel would cover half the page
-            context.add_init_script("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
-                                    "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');")
+            context.add_init_script(
+                "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+                "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
+            )
             page = context.new_page()
             page.set_default_timeout(60_000)
             expect.set_options(timeout=60_000)
@@ -391,7 +467,8 @@ def test_mlflow_ui_shows_the_experiment_runs_charts_and_artifacts(chromium, outa
 
             page.goto(runs_page + "&compareRunsMode=CHART")  # charts render lazily: search for the ones to check
             page.get_by_placeholder("Search metric charts").fill(
-                f"train_loss|val_top1|images_per_s$|mfu|system/{node_name()}/cpu")
+                f"train_loss|val_top1|images_per_s$|mfu|system/{node_name()}/cpu"
+            )
             title = page.get_by_text("train_loss", exact=True).first
             expect(title).to_be_visible()
             # a drawn line in the train_loss chart (plotly draws each trace as an svg path.js-line), in its own card

@@ -131,8 +131,10 @@ def check_two_nodes(folder: Path) -> None:
     results = call_with_deadline(job.results, 120, "2-node job results()")
     dt = time.monotonic() - t0
     for r in results:
-        log(f"[1]   rank {r['global_rank']} node {r['node']} slurmd={r['slurmd_nodename']} "
-            f"hostnames={r['hostnames']} resolved={r['resolved']}")
+        log(
+            f"[1]   rank {r['global_rank']} node {r['node']} slurmd={r['slurmd_nodename']} "
+            f"hostnames={r['hostnames']} resolved={r['resolved']}"
+        )
     if sorted(r["global_rank"] for r in results) != [0, 1]:
         fail(f"[1] unexpected ranks: {results}")
     if sorted(r["slurmd_nodename"] for r in results) != ["node1", "node2"]:
@@ -163,8 +165,10 @@ def check_preemption_requeue(folder: Path) -> None:
     dt_done = time.monotonic() - t_int
     if result.get("restart_count") != 1:
         fail(f"[2] expected restart_count 1, got {result}")
-    log(f"[2] OK requeue via preemption: interrupt -> restart {dt_requeue:.1f} s, "
-        f"interrupt -> result() {dt_done:.1f} s, total {time.monotonic() - t0:.1f} s; result {result}")
+    log(
+        f"[2] OK requeue via preemption: interrupt -> restart {dt_requeue:.1f} s, "
+        f"interrupt -> result() {dt_done:.1f} s, total {time.monotonic() - t0:.1f} s; result {result}"
+    )
 
 
 def check_scancel(folder: Path) -> None:
@@ -173,9 +177,10 @@ def check_scancel(folder: Path) -> None:
     job = ex.submit(sleeper, 600)
     log(f"[3] submitted sleeping job {job.job_id}")
     t0 = time.monotonic()
-    while "RUNNING" not in subprocess.run(
-        ["squeue", "-h", "-j", job.job_id, "-o", "%T"], capture_output=True, text=True
-    ).stdout:
+    while (
+        "RUNNING"
+        not in subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T"], capture_output=True, text=True).stdout
+    ):
         if time.monotonic() - t0 > 60:
             fail(f"[3] job {job.job_id} not running after 60 s")
         time.sleep(0.5)
@@ -196,8 +201,7 @@ def check_timeout_requeue(folder: Path) -> None:
     markers = folder / "markers_timeout"
     markers.mkdir()
     ex = submitit.AutoExecutor(folder=folder / "timeout")
-    ex.update_parameters(nodes=1, tasks_per_node=1, timeout_min=1, slurm_signal_delay_s=40,
-                         name="smoke-timeout")
+    ex.update_parameters(nodes=1, tasks_per_node=1, timeout_min=1, slurm_signal_delay_s=40, name="smoke-timeout")
     t0 = time.monotonic()
     job = ex.submit(Resumable(), str(markers), 600)
     log(f"[4] submitted Checkpointable job {job.job_id} with a 1 min limit, USR2 40 s before")
@@ -206,8 +210,10 @@ def check_timeout_requeue(folder: Path) -> None:
     result = call_with_deadline(job.result, 120, "[4] result() after timeout requeue")
     if result.get("restart_count") != 1:
         fail(f"[4] expected restart_count 1, got {result}")
-    log(f"[4] OK timeout requeue: restarted {dt_restart:.1f} s after the first start, "
-        f"result() after {time.monotonic() - t0:.1f} s; result {result}")
+    log(
+        f"[4] OK timeout requeue: restarted {dt_restart:.1f} s after the first start, "
+        f"result() after {time.monotonic() - t0:.1f} s; result {result}"
+    )
 
 
 def main() -> None:

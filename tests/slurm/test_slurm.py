@@ -28,14 +28,33 @@ PROFILE = "configs/cluster/local_test.yaml"
 
 def overrides(shards: Path, root: Path, name: str, *extra: str) -> list[str]:
     """A tiny ViT on digits, ZeRO-2 fp32, 8 steps, checkpoint every 3, loss logged every step; 2 nodes x 1 task."""
-    return [f"data.train_shards={shards}/train-{{000000..000003}}.tar", f"data.val_shards={shards}/val-000000.tar",
-            "data.batch_size=32", "data.num_workers=1", "data.shuffle_buffer=64",
-            "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.drop_path_rate=0.1",
-            "augment.mixup=0.2", f"optim.epochs={TOTAL_STEPS * 32 / 1497}", "optim.warmup_epochs=0.05",
-            "deepspeed.zero_stage=2", "deepspeed.precision=fp32", "checkpoint.every_steps=3", "eval.every_steps=0",
-            "tracking.log_every_steps=1", "launch.cluster=slurm", "launch.nodes=2",
-            f"launch.slurm_profile={PROFILE}", "launch.slurm.cpus_per_task=1", "launch.wait=true",
-            f"run.root={root}", f"run.name={name}", *extra]
+    return [
+        f"data.train_shards={shards}/train-{{000000..000003}}.tar",
+        f"data.val_shards={shards}/val-000000.tar",
+        "data.batch_size=32",
+        "data.num_workers=1",
+        "data.shuffle_buffer=64",
+        "model.embed_dim=32",
+        "model.depth=1",
+        "model.num_heads=2",
+        "model.drop_path_rate=0.1",
+        "augment.mixup=0.2",
+        f"optim.epochs={TOTAL_STEPS * 32 / 1497}",
+        "optim.warmup_epochs=0.05",
+        "deepspeed.zero_stage=2",
+        "deepspeed.precision=fp32",
+        "checkpoint.every_steps=3",
+        "eval.every_steps=0",
+        "tracking.log_every_steps=1",
+        "launch.cluster=slurm",
+        "launch.nodes=2",
+        f"launch.slurm_profile={PROFILE}",
+        "launch.slurm.cpus_per_task=1",
+        "launch.wait=true",
+        f"run.root={root}",
+        f"run.name={name}",
+        *extra,
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,9 +66,17 @@ def test_executor_parameters_follow_the_config_and_profile(tmp_path, monkeypatch
     from launch.slurm.params import executor_parameters, make_executor
     from pipeline.config import load_config
 
-    config = load_config("configs/pretrain/digits_vit.yaml", [
-        "launch.cluster=slurm", "launch.nodes=4", "launch.gpus_per_node=8", "data.batch_size=256",
-        "launch.slurm_profile=configs/cluster/example.yaml", "launch.slurm.time_min=90"])
+    config = load_config(
+        "configs/pretrain/digits_vit.yaml",
+        [
+            "launch.cluster=slurm",
+            "launch.nodes=4",
+            "launch.gpus_per_node=8",
+            "data.batch_size=256",
+            "launch.slurm_profile=configs/cluster/example.yaml",
+            "launch.slurm.time_min=90",
+        ],
+    )
     params = executor_parameters(config.launch, name="pretrain-x", dependency="afterok:123")
     assert params["nodes"] == 4 and params["tasks_per_node"] == 8 and params["gpus_per_node"] == 8
     assert params["timeout_min"] == 90  # an explicit override wins over the profile's 1440
@@ -69,11 +96,24 @@ def test_executor_parameters_follow_the_config_and_profile(tmp_path, monkeypatch
     executor = make_executor(tmp_path / "slurm", config.launch, name="pretrain-x", dependency="afterok:123")
     assert executor._executor.max_num_timeout == 10  # max_requeues
     script = executor._executor._make_submission_file_text("CMD", "uid")
-    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --cpus-per-task=12", "#SBATCH --time=90", "#SBATCH --signal=USR2@300",
-                 "#SBATCH --partition=gpu", "#SBATCH --account=my-project", "#SBATCH --qos=normal",
-                 "#SBATCH --constraint=a100-80gb", "#SBATCH --mem=480GB", "#SBATCH --dependency=afterok:123",
-                 "#SBATCH --exclusive", "#SBATCH --mail-type=FAIL", "#SBATCH --requeue", "module load cuda/12.4 nccl/2.21"]:
+    for line in [
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=12",
+        "#SBATCH --time=90",
+        "#SBATCH --signal=USR2@300",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=my-project",
+        "#SBATCH --qos=normal",
+        "#SBATCH --constraint=a100-80gb",
+        "#SBATCH --mem=480GB",
+        "#SBATCH --dependency=afterok:123",
+        "#SBATCH --exclusive",
+        "#SBATCH --mail-type=FAIL",
+        "#SBATCH --requeue",
+        "module load cuda/12.4 nccl/2.21",
+    ]:
         assert line in script, line
     assert "--kill-on-bad-exit=1" in script
     assert executor._executor.python.strip("'") == sys.executable  # the job runs this (the .venv) interpreter
@@ -86,23 +126,42 @@ def test_task_environment_from_the_job_environment(monkeypatch):
 
     from launch.slurm.task import master_port, task_environment
 
-    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
-                       "SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_JOB_NODELIST": "gpu[07-08]",
-                       "SLURM_RESTART_COUNT": "2", "SLURMD_NODENAME": "gpu08"}.items():
+    for key, value in {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "16",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_PROCID": "11",
+        "SLURM_LOCALID": "3",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_RESTART_COUNT": "2",
+        "SLURMD_NODENAME": "gpu08",
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("MASTER_PORT", raising=False)
     env = task_environment(SlurmJobEnvironment(), attempt=2)
-    assert env == {"RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8",
-                   "MASTER_ADDR": "gpu07", "MASTER_PORT": str(master_port("4242", 2)), "VITPIPE_NODE": "gpu08",
-                   "VITPIPE_JOB_ID": "4242", "VITPIPE_ATTEMPT": "2"}
+    assert env == {
+        "RANK": "11",
+        "LOCAL_RANK": "3",
+        "WORLD_SIZE": "16",
+        "LOCAL_WORLD_SIZE": "8",
+        "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": str(master_port("4242", 2)),
+        "VITPIPE_NODE": "gpu08",
+        "VITPIPE_JOB_ID": "4242",
+        "VITPIPE_ATTEMPT": "2",
+    }
     assert master_port("4242", 2) != master_port("4242", 3)  # a requeued attempt does not reuse the port
 
 
-@pytest.mark.parametrize("bad, needle", [
-    (["launch.slurm.time_min=2", "launch.slurm.signal_delay_s=120"], "launch.slurm.signal_delay_s=120"),
-    (["launch.slurm.extra_sbatch={time: 5}"], "launch.slurm.extra_sbatch: time"),
-    (["launch.slurm.cpus_per_task=0"], "launch.slurm.cpus_per_task=0"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (["launch.slurm.time_min=2", "launch.slurm.signal_delay_s=120"], "launch.slurm.signal_delay_s=120"),
+        (["launch.slurm.extra_sbatch={time: 5}"], "launch.slurm.extra_sbatch: time"),
+        (["launch.slurm.cpus_per_task=0"], "launch.slurm.cpus_per_task=0"),
+    ],
+)
 def test_a_broken_slurm_config_is_refused_before_anything_is_submitted(tmp_path, bad, needle):
     result = run_cli("pretrain", "launch.cluster=slurm", f"run.root={tmp_path}", "run.name=x", *bad, cwd=ROOT)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -117,8 +176,14 @@ def shard_overrides(shards: Path) -> list[str]:
 
 def test_auto_runs_locally_where_there_is_no_sbatch(tmp_path, digits_shards):
     bin_dir = Path(sys.executable).parent  # python only; no Slurm client on this PATH
-    result = run_cli("pretrain", "launch.cluster=auto", "--print-config", *shard_overrides(digits_shards), cwd=ROOT,
-                     env={"PATH": str(bin_dir)})
+    result = run_cli(
+        "pretrain",
+        "launch.cluster=auto",
+        "--print-config",
+        *shard_overrides(digits_shards),
+        cwd=ROOT,
+        env={"PATH": str(bin_dir)},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cluster: local" in result.stdout
 
@@ -152,8 +217,10 @@ def cluster_problem() -> str | None:
 def slurm_cluster():
     problem = cluster_problem()
     if problem:
-        message = (f"the Slurm tests need the test cluster: {problem}. Start it with: bash tests/slurm/cluster.sh "
-                   "install && bash tests/slurm/cluster.sh start && eval \"$(bash tests/slurm/cluster.sh env)\"")
+        message = (
+            f"the Slurm tests need the test cluster: {problem}. Start it with: bash tests/slurm/cluster.sh "
+            'install && bash tests/slurm/cluster.sh start && eval "$(bash tests/slurm/cluster.sh env)"'
+        )
         if os.environ.get("REQUIRE_SLURM_TESTS") == "1":
             pytest.fail(f"REQUIRE_SLURM_TESTS=1 and {message}", pytrace=False)
         pytest.skip(f"!!! SLURM TESTS SKIPPED !!! {message}")
@@ -179,15 +246,16 @@ class Cli:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         full_env.pop("MLFLOW_TRACKING_URI", None)
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT,
-                                         env=full_env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
+            )
 
     def finish(self, timeout_s: float = 900) -> tuple[int, str]:
         try:
             code = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"the CLI did not return; its output:\n{self.output()[-4000:]}")
+            raise AssertionError(f"the CLI did not return; its output:\n{self.output()[-4000:]}") from None
         return code, self.output()
 
     def output(self) -> str:
@@ -197,8 +265,9 @@ class Cli:
 class Run:
     """One run folder (its own runs root and MLflow store) and its Slurm job."""
 
-    def __init__(self, tmp: Path, shards: Path, name: str, *extra: str, env: dict | None = None,
-                 command: str = "pretrain"):
+    def __init__(
+        self, tmp: Path, shards: Path, name: str, *extra: str, env: dict | None = None, command: str = "pretrain"
+    ):
         self.root = tmp / name
         self.dir = self.root / (name if command == "pretrain" else f"{name}-pretrain")
         self.args = [command, *overrides(shards, self.root, name, *extra)]
@@ -212,8 +281,10 @@ class Run:
             return {}
 
     def job_id(self) -> str:
-        return wait_until(lambda: self.status.get("job_id") or (self.cli.proc.poll() is not None and "none"),
-                          "the job id in status.json")
+        return wait_until(
+            lambda: self.status.get("job_id") or (self.cli.proc.poll() is not None and "none"),
+            "the job id in status.json",
+        )
 
     def rank0_log(self) -> str:
         """Rank 0's stderr and stdout (submitit logs to stdout), all attempts."""
@@ -226,8 +297,12 @@ class Run:
         return text
 
     def wait_for_hang(self) -> None:
-        wait_until(lambda: f"VITPIPE_FAULT: rank 0 at step {HANG_AT}: hang" in self.rank0_log()
-                   or self.cli.proc.poll() is not None, f"rank 0 holding at step {HANG_AT}")
+        wait_until(
+            lambda: (
+                f"VITPIPE_FAULT: rank 0 at step {HANG_AT}: hang" in self.rank0_log() or self.cli.proc.poll() is not None
+            ),
+            f"rank 0 holding at step {HANG_AT}",
+        )
         assert self.cli.proc.poll() is None, self.cli.output()[-4000:]
 
     def summary(self) -> dict:
@@ -257,12 +332,18 @@ def jobs(slurm_cluster, digits_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slurm")
     started = {"tmp": tmp}
     started["reference"] = Run(tmp, digits_shards, "reference", env={"VITPIPE_FAULT": ""}, command="pipeline")
-    started["timeout"] = Run(tmp, digits_shards, "timeout", "launch.slurm.time_min=4", "launch.slurm.signal_delay_s=60",
-                             env=hang_env())
+    started["timeout"] = Run(
+        tmp, digits_shards, "timeout", "launch.slurm.time_min=4", "launch.slurm.signal_delay_s=60", env=hang_env()
+    )
     started["extended"] = extend_after_requeue(started["timeout"])
     started["preempted"] = Run(tmp, digits_shards, "preempted", env=hang_env())
-    started["failing"] = Run(tmp, digits_shards, "failing", "launch.cluster=auto",  # sbatch is here: Slurm
-                             env={"VITPIPE_FAULT": "rank=1,step=3"})
+    started["failing"] = Run(
+        tmp,
+        digits_shards,
+        "failing",
+        "launch.cluster=auto",  # sbatch is here: Slurm
+        env={"VITPIPE_FAULT": "rank=1,step=3"},
+    )
     for name in ("reference", "timeout", "preempted", "failing"):  # queued behind these: starts when one ends
         started[name].job_id()
     started["cancelled"] = Run(tmp, digits_shards, "cancelled", env=hang_env())
@@ -283,10 +364,17 @@ def extend_after_requeue(run: Run, minutes: int = 30) -> dict:
     def watch():
         try:
             # (a warning before training started is requeued at once, without a checkpoint: wait for the next)
-            wait_until(lambda: run.status.get("state") == "REQUEUED" and "message" not in run.status
-                       or run.cli.proc.poll() is not None, "the time-limit requeue")
-            done["result"] = subprocess.run(["scontrol", "update", f"JobId={run.job_id()}", f"TimeLimit={minutes}"],
-                                            capture_output=True, text=True)
+            wait_until(
+                lambda: (
+                    run.status.get("state") == "REQUEUED"
+                    and "message" not in run.status
+                    or run.cli.proc.poll() is not None
+                ),
+                "the time-limit requeue",
+            )
+            done["result"] = subprocess.run(
+                ["scontrol", "update", f"JobId={run.job_id()}", f"TimeLimit={minutes}"], capture_output=True, text=True
+            )
         except BaseException as exc:  # reported by the test
             done["error"] = exc
 
@@ -314,7 +402,8 @@ def _history(run: Run, mlflow_run) -> list:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=f"sqlite:///{run.root / 'mlflow.db'}").get_metric_history(
-        mlflow_run.info.run_id, "train_loss")
+        mlflow_run.info.run_id, "train_loss"
+    )
 
 
 @pytest.mark.slurm
@@ -348,8 +437,16 @@ def test_pipeline_chains_the_fine_tune_after_the_pretraining_job(jobs):
     assert f"#SBATCH --dependency=afterok:{pre_id}" in (finetune / f"slurm/{ft_id}_submission.sh").read_text()
     times = {}
     for job_id in (pre_id, ft_id):
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,Start,End"], capture_output=True,
-                             text=True, check=True).stdout.split()[-1].split("|")
+        out = (
+            subprocess.run(
+                ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,Start,End"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.split()[-1]
+            .split("|")
+        )
         times[job_id] = out
     assert times[pre_id][0] == times[ft_id][0] == "COMPLETED"
     assert times[ft_id][1] >= times[pre_id][2]  # ISO times: the fine-tune started after the pretraining ended
@@ -373,9 +470,17 @@ def test_a_failing_rank_fails_the_job_with_its_traceback(jobs):
 
 @pytest.mark.slurm
 def test_a_job_sbatch_refuses_is_one_error_line(slurm_cluster, tmp_path, digits_shards):
-    result = run_cli("pretrain", "launch.cluster=slurm", f"launch.slurm_profile={PROFILE}", "launch.slurm.cpus_per_task=1",
-                     *shard_overrides(digits_shards),
-                     "launch.slurm.partition=nosuchpartition", f"run.root={tmp_path}", "run.name=x", cwd=ROOT)
+    result = run_cli(
+        "pretrain",
+        "launch.cluster=slurm",
+        f"launch.slurm_profile={PROFILE}",
+        "launch.slurm.cpus_per_task=1",
+        *shard_overrides(digits_shards),
+        "launch.slurm.partition=nosuchpartition",
+        f"run.root={tmp_path}",
+        "run.name=x",
+        cwd=ROOT,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "nosuchpartition" in line or "error" in line]
     assert len(errors) == 1 and errors[0].startswith("error: sbatch refused the job") and "partition" in errors[0]
@@ -394,8 +499,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(jobs):
     code, output = run.cli.finish()
     assert code == 0, output[-4000:]
     log = run.rank0_log()
-    assert f"checkpoint step{HANG_AT:08d} saved (stop: SIGUSR2)" in log or \
-        f"checkpoint step{HANG_AT:08d} saved (stop: SIGTERM)" in log
+    assert (
+        f"checkpoint step{HANG_AT:08d} saved (stop: SIGUSR2)" in log
+        or f"checkpoint step{HANG_AT:08d} saved (stop: SIGTERM)" in log
+    )
     assert "Requeued job" in log and f"resumed from step{HANG_AT:08d}" in log
     assert run.status["attempt"] == 1 and run.status["state"] == "COMPLETED"
     assert_resumed_exactly(run, jobs["reference"], restarts=1)
@@ -440,13 +547,16 @@ def test_scancel_leaves_a_resumable_run_that_says_how_to_resume(jobs):
     assert mlflow_run.info.status == "RUNNING"  # left open: the run continues
 
     # the same command again, without launch.wait (submit and return), continues it
-    resumed = Cli(jobs["tmp"], "cancelled-resumed", [a for a in run.args if a != "launch.wait=true"],
-                  env={"VITPIPE_FAULT": ""})
+    resumed = Cli(
+        jobs["tmp"], "cancelled-resumed", [a for a in run.args if a != "launch.wait=true"], env={"VITPIPE_FAULT": ""}
+    )
     code, output = resumed.finish()
     assert code == 0, output[-4000:]
     assert f"resuming pretrain run: {run.dir}" in output and "returns now" in output
     assert run.status["job_id"] != job_id
-    wait_until(lambda: run.status.get("state") in ("COMPLETED", "FAILED") and run.status["job_id"] != job_id,
-               "the resumed job to end")
+    wait_until(
+        lambda: run.status.get("state") in ("COMPLETED", "FAILED") and run.status["job_id"] != job_id,
+        "the resumed job to end",
+    )
     assert run.status["state"] == "COMPLETED", run.status
     assert_resumed_exactly(run, jobs["reference"], restarts=1)

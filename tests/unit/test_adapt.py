@@ -1,4 +1,5 @@
 """Tests for pipeline.adapt: resolution / window adaptation of checkpoints (CPU, tiny models)."""
+
 import json
 
 import pytest
@@ -29,15 +30,18 @@ def vit(img_size=32, **kw):
 def swin(img_size=32, window_size=4, **kw):
     torch.manual_seed(0)
     args = {**SWIN, "num_classes": 10, **kw}
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=img_size,
-                             window_size=window_size, **args).eval()
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=img_size, window_size=window_size, **args
+    ).eval()
 
 
 def randomized_sd(model):
     """State dict with random values, so 'kept' vs 'fresh init' is distinguishable."""
     g = torch.Generator().manual_seed(1)
-    return {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
-            for k, v in model.state_dict().items()}
+    return {
+        k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+        for k, v in model.state_dict().items()
+    }
 
 
 def reference_resample(pe, old, new, prefix, antialias):
@@ -47,6 +51,7 @@ def reference_resample(pe, old, new, prefix, antialias):
 
 
 # ---------------------------------------------------------------- pure functions
+
 
 def test_identity_is_exact():
     pe = torch.randn(1, 1 + 8 * 8, 16)
@@ -64,8 +69,7 @@ def test_matches_direct_interpolate(old, new, antialias):
     torch.manual_seed(0)
     prefix = 2
     pe = torch.randn(1, prefix + old[0] * old[1], 8)
-    out = resample_pos_embed(pe, new, old if old[0] != old[1] else None, num_prefix_tokens=prefix,
-                             antialias=antialias)
+    out = resample_pos_embed(pe, new, old if old[0] != old[1] else None, num_prefix_tokens=prefix, antialias=antialias)
     assert out.shape == (1, prefix + new[0] * new[1], 8)
     torch.testing.assert_close(out, reference_resample(pe, old, new, prefix, antialias), rtol=0, atol=1e-6)
     assert torch.equal(out[:, :prefix], pe[:, :prefix])
@@ -155,6 +159,7 @@ def test_smooth_function_geometry():
     # are; plain bicubic (a=-0.75) has a small symmetric ripple but no systematic shift
     def lin(yy, xx):
         return torch.stack([3 * yy - 1, 2 * xx + yy], dim=-1)
+
     pe = torch.cat([torch.full((1, 1, 2), 7.0), _field(*old, lin)], dim=1)
     inner = (slice(3, 13), slice(3, 21))  # new pixels whose 4x4 cubic support avoids the border clamp
     want = _field(*new, lin).reshape(*new, 2)[inner]
@@ -168,6 +173,7 @@ def test_smooth_function_geometry():
     # smooth non-linear field: small error everywhere (incl. border) ...
     def smooth(yy, xx):
         return torch.stack([torch.sin(2.0 * yy + 1.0 * xx), torch.cos(1.5 * xx - 0.5 * yy)], dim=-1)
+
     out = resample_pos_embed(torch.cat([pe[:, :1], _field(*old, smooth)], dim=1), new, old)
     err = (out[:, 1:] - _field(*new, smooth)).abs().max().item()
     assert err < 0.06, err
@@ -187,6 +193,7 @@ def test_relative_position_index_matches_swin():
 
 
 # ---------------------------------------------------------------- ViT
+
 
 def test_vit_8_to_16_grid_and_forward():
     src, dst = vit(32), vit(64)
@@ -314,6 +321,7 @@ def test_report_dict_and_summary():
 
 # ---------------------------------------------------------------- Swin
 
+
 def test_swin_window_4_to_8_and_forward():
     src, dst = swin(32, 4), swin(64, 8)
     sd = randomized_sd(src)
@@ -324,14 +332,22 @@ def test_swin_window_4_to_8_and_forward():
     tables = [k for k in sd if k.endswith("relative_position_bias_table")]
     assert len(tables) == 4
     assert sorted(a[0] for a in report.adapted) == sorted(tables)
-    for name, old, new in report.adapted:
+    for _name, old, new in report.adapted:
         assert old == (49, new[1]) and new == (15 * 15, new[1])
     assert set(report.dropped) == {"layers.0.blocks.0.attn.relative_position_index", "layers.0.blocks.1.attn_mask"}
     assert "buffer rebuilt by model" in report.summary()
     attn = dst.layers[1].blocks[1].attn
     assert attn.relative_position_bias_table.shape == (225, 2)
-    ref = F.interpolate(sd["layers.1.blocks.1.attn.relative_position_bias_table"].T.reshape(1, 2, 7, 7),
-                        size=(15, 15), mode="bicubic", align_corners=False).reshape(2, -1).T
+    ref = (
+        F.interpolate(
+            sd["layers.1.blocks.1.attn.relative_position_bias_table"].T.reshape(1, 2, 7, 7),
+            size=(15, 15),
+            mode="bicubic",
+            align_corners=False,
+        )
+        .reshape(2, -1)
+        .T
+    )
     torch.testing.assert_close(attn.relative_position_bias_table.detach(), ref, rtol=0, atol=1e-6)
     for blk in (b for layer in dst.layers for b in layer.blocks):
         assert torch.equal(blk.attn.relative_position_index, relative_position_index((8, 8)))
@@ -368,6 +384,7 @@ def test_unknown_method_rejected_by_adapt():
 
 def test_generic_module_nhwc_and_prefixless_pos_embed():
     """Non-timm-ViT layouts: NHWC (1, H, W, C) pos embed and a prefix-less (1, L, C) absolute one."""
+
     class Tiny(torch.nn.Module):
         def __init__(self, g):
             super().__init__()

@@ -11,19 +11,25 @@ from tests.conftest import ROOT, run_cli
 DEMO = ROOT / "configs/pretrain/digits_vit.yaml"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["optim.lrr=1"], r"optim\.lrr.*Did you mean.*lr"),
-    (["optim.lr=fast"], r"optim\.lr.*could not be converted"),
-    (["data.batch_size=100", "launch.nproc=3"], r"data\.batch_size=100.*world size 3.*multiple of 3"),
-    (["data.batch_size=64", "launch.nproc=2", "optim.grad_accum_steps=3"], r"multiple of 6"),
-    (["deepspeed.zero_stage=4"], r"deepspeed\.zero_stage=4.*0, 1, 2, 3"),
-    (["deepspeed.precision=fp8"], r"deepspeed\.precision.*fp32, bf16, fp16"),
-    (["optim.warmup_epochs=70"], r"optim\.warmup_epochs=70.*below optim\.epochs=60"),
-    (["launch.cluster=k8s"], r"launch\.cluster='k8s'.*local, slurm, auto"),
-    (["data.resampled=true"], r"data\.samples_per_epoch"),
-    (["launch.cluster=slurm", "launch.gpus_per_node=8", "launch.tasks_per_node=4"], r"tasks_per_node=4.*gpus_per_node=8"),
-    (["optim.lr"], r"not key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], r"optim\.lrr.*Did you mean.*lr"),
+        (["optim.lr=fast"], r"optim\.lr.*could not be converted"),
+        (["data.batch_size=100", "launch.nproc=3"], r"data\.batch_size=100.*world size 3.*multiple of 3"),
+        (["data.batch_size=64", "launch.nproc=2", "optim.grad_accum_steps=3"], r"multiple of 6"),
+        (["deepspeed.zero_stage=4"], r"deepspeed\.zero_stage=4.*0, 1, 2, 3"),
+        (["deepspeed.precision=fp8"], r"deepspeed\.precision.*fp32, bf16, fp16"),
+        (["optim.warmup_epochs=70"], r"optim\.warmup_epochs=70.*below optim\.epochs=60"),
+        (["launch.cluster=k8s"], r"launch\.cluster='k8s'.*local, slurm, auto"),
+        (["data.resampled=true"], r"data\.samples_per_epoch"),
+        (
+            ["launch.cluster=slurm", "launch.gpus_per_node=8", "launch.tasks_per_node=4"],
+            r"tasks_per_node=4.*gpus_per_node=8",
+        ),
+        (["optim.lr"], r"not key=value"),
+    ],
+)
 def test_bad_config_names_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(DEMO, overrides)
@@ -40,8 +46,17 @@ def test_yaml_inheritance_and_overrides(tmp_path):
 
 
 def test_deepspeed_json_is_derived_from_the_typed_config():
-    config = load_config(DEMO, ["data.batch_size=96", "launch.nproc=2", "optim.grad_accum_steps=3",
-                                "deepspeed.zero_stage=2", "deepspeed.precision=bf16", "optim.grad_clip=0.5"])
+    config = load_config(
+        DEMO,
+        [
+            "data.batch_size=96",
+            "launch.nproc=2",
+            "optim.grad_accum_steps=3",
+            "deepspeed.zero_stage=2",
+            "deepspeed.precision=bf16",
+            "optim.grad_clip=0.5",
+        ],
+    )
     ds = deepspeed_config(config, 2)
     assert ds["train_batch_size"] == 96 and ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
@@ -102,17 +117,26 @@ def test_config_errors_come_before_torch_timm_or_deepspeed_are_imported(tmp_path
     import subprocess
     import sys
 
-    code = ("import sys; from pipeline.cli import main; rc = main(['pretrain', 'optim.lrr=1']); "
-            "heavy = sorted(m for m in ('torch', 'timm', 'deepspeed', 'webdataset', 'mlflow') if m in sys.modules); "
-            "print(rc, heavy)")
+    code = (
+        "import sys; from pipeline.cli import main; rc = main(['pretrain', 'optim.lrr=1']); "
+        "heavy = sorted(m for m in ('torch', 'timm', 'deepspeed', 'webdataset', 'mlflow') if m in sys.modules); "
+        "print(rc, heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.split("\n")[0] == "2 []", out.stdout + out.stderr
     assert "optim.lrr" in out.stderr and "Did you mean" in out.stderr
 
 
 def test_cli_rejects_bad_config_before_any_work(tmp_path):
-    result = run_cli("pretrain", "--config", str(DEMO), "data.batch_size=100", "launch.nproc=3",
-                     f"run.root={tmp_path}/runs", cwd=ROOT)
+    result = run_cli(
+        "pretrain",
+        "--config",
+        str(DEMO),
+        "data.batch_size=100",
+        "launch.nproc=3",
+        f"run.root={tmp_path}/runs",
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: data.batch_size=100")
     assert not (tmp_path / "runs").exists(), "nothing may be created for a rejected config"

@@ -57,8 +57,18 @@ def sample_ids(batches) -> list[int]:
 
 def spec(shards, **kw) -> StreamSpec:
     """A training stream whose epoch is longer than any test reads (unless epoch_batches is given)."""
-    base = dict(shards=tuple(shards), batch_size=4, seed=7, epoch=0, rank=0, world=1, workers=0, training=True,
-                shuffle_buffer=16, epoch_batches=10**6)
+    base = dict(
+        shards=tuple(shards),
+        batch_size=4,
+        seed=7,
+        epoch=0,
+        rank=0,
+        world=1,
+        workers=0,
+        training=True,
+        shuffle_buffer=16,
+        epoch_batches=10**6,
+    )
     base.update(kw)
     return StreamSpec(**base)
 
@@ -126,8 +136,16 @@ def test_resume_skips_exactly_the_consumed_batches_with_identical_augmentation(t
 
 def test_fewer_shards_than_ranks_is_a_clear_error(tmp_path):
     shards = make_shards(tmp_path, [10])
-    config = load_config(None, [f"data.train_shards={shards[0]}", "data.val_shards=null", "data.train_samples=10",
-                                "data.batch_size=4", "launch.nproc=2"])
+    config = load_config(
+        None,
+        [
+            f"data.train_shards={shards[0]}",
+            "data.val_shards=null",
+            "data.train_samples=10",
+            "data.batch_size=4",
+            "launch.nproc=2",
+        ],
+    )
     with pytest.raises(DataError, match="1 shard.*2 ranks"):
         plan_data(config, 2)
     assert usable_workers(num_workers=4, shards=3, world=2) == 1  # never a worker without a shard
@@ -143,9 +161,17 @@ def test_rank_data_uses_timm_transforms_and_the_manifest(tmp_path):
     from pipeline.data.sources import write_digits
 
     write_digits(tmp_path, samples_per_shard=400)
-    config = load_config(None, [f"data.train_shards={tmp_path}/train-{{000000..000003}}.tar",
-                                f"data.val_shards={tmp_path}/val-000000.tar", "data.batch_size=16",
-                                "data.num_workers=1", "model.img_size=32", "augment.hflip=0"])
+    config = load_config(
+        None,
+        [
+            f"data.train_shards={tmp_path}/train-{{000000..000003}}.tar",
+            f"data.val_shards={tmp_path}/val-000000.tar",
+            "data.batch_size=16",
+            "data.num_workers=1",
+            "model.img_size=32",
+            "augment.hflip=0",
+        ],
+    )
     plan = plan_data(config, 1)
     assert plan.train_samples == 1497 and plan.classes == [str(i) for i in range(10)]
     assert plan.steps_per_epoch == 1497 // 16
@@ -171,8 +197,17 @@ def test_a_stream_pickled_into_a_worker_serves_the_same_batches(tmp_path):
 
 def test_resampled_mode_serves_any_number_of_ranks_from_one_shard(tmp_path):
     shards = make_shards(tmp_path, [10])
-    config = load_config(None, [f"data.train_shards={shards[0]}", "data.val_shards=null", "data.resampled=true",
-                                "data.samples_per_epoch=40", "data.batch_size=8", "launch.nproc=4"])
+    config = load_config(
+        None,
+        [
+            f"data.train_shards={shards[0]}",
+            "data.val_shards=null",
+            "data.resampled=true",
+            "data.samples_per_epoch=40",
+            "data.batch_size=8",
+            "launch.nproc=4",
+        ],
+    )
     plan = plan_data(config, 4)
     assert plan.steps_per_epoch == 5
     per_rank = []
@@ -193,8 +228,9 @@ def test_one_loader_runs_through_epochs_and_resumes_anywhere_identically(tmp_pat
         return identity(image).float() + torch.rand(1)
 
     def run(epoch, skip, n):
-        loader = make_loader(spec(shards, workers=2, batch_size=5, epoch=epoch, skip_batches=skip,
-                                  epoch_batches=9), noisy)
+        loader = make_loader(
+            spec(shards, workers=2, batch_size=5, epoch=epoch, skip_batches=skip, epoch_batches=9), noisy
+        )
         return [(images.clone(), labels.clone()) for images, labels, _, _ in itertools.islice(iter(loader), n)]
 
     full = run(0, 0, 30)  # epochs 0-2 and the start of 3
@@ -202,8 +238,12 @@ def test_one_loader_runs_through_epochs_and_resumes_anywhere_identically(tmp_pat
         start = epoch * 9 + skip
         resumed = run(epoch, skip, 30 - start)
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[start:], resumed)), (
-            epoch, skip)
-    ids = [sorted(int(v) for images, _ in full[e * 9:(e + 1) * 9] for v in images.floor().flatten()) for e in range(3)]
+            epoch,
+            skip,
+        )
+    ids = [
+        sorted(int(v) for images, _ in full[e * 9 : (e + 1) * 9] for v in images.floor().flatten()) for e in range(3)
+    ]
     assert ids[0] != ids[1] or [b[0] for b in full[:9]] != [b[0] for b in full[9:18]]  # epochs differ
 
 
@@ -230,8 +270,9 @@ def test_recycled_shared_buffers_hold_the_same_batches_for_a_one_at_a_time_consu
         return identity(image).float() + torch.rand(1)
 
     def batches(recycle):
-        loader = make_loader(spec(shards, workers=2, batch_size=3, epoch_batches=16, recycle_buffers=recycle),
-                             noisy, prefetch_factor=2)
+        loader = make_loader(
+            spec(shards, workers=2, batch_size=3, epoch_batches=16, recycle_buffers=recycle), noisy, prefetch_factor=2
+        )
         seen, storages = [], set()
         for images, labels, _, _ in itertools.islice(iter(loader), 40):
             storages.add(images.untyped_storage().data_ptr())

@@ -49,7 +49,9 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
         else:
             continue
@@ -87,7 +89,7 @@ def test_there_are_no_import_cycles():
         stack.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == "open":
-                cycle = stack[stack.index(dep):] + [dep]
+                cycle = stack[stack.index(dep) :] + [dep]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 visit(dep)
@@ -100,8 +102,12 @@ def test_there_are_no_import_cycles():
 
 
 def test_dependencies_point_one_way():
-    wrong = [f"{a} imports {b}" for a, deps in _graph().items() for b in sorted(deps)
-             if _rank(b) > _rank(a) and not a.startswith("pipeline.config") and a != b]
+    wrong = [
+        f"{a} imports {b}"
+        for a, deps in _graph().items()
+        for b in sorted(deps)
+        if _rank(b) > _rank(a) and not a.startswith("pipeline.config") and a != b
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -110,15 +116,25 @@ def test_only_launch_knows_slurm():
         if name.startswith("launch"):
             continue
         text = path.read_text()
-        assert not re.search(r"SLURM[A-Z_]*|^\s*(import|from) submitit", text, flags=re.M), \
+        assert not re.search(r"SLURM[A-Z_]*|^\s*(import|from) submitit", text, flags=re.M), (
             f"{path.relative_to(ROOT)} reads Slurm's environment or uses submitit; only launch/ may"
+        )
     pipeline_imports = {b for a, deps in _graph().items() if a.startswith("pipeline") for b in deps}
-    importers = {a for a, deps in _graph().items() if a.startswith("pipeline") and any(d.startswith("launch") for d in deps)}
+    importers = {
+        a for a, deps in _graph().items() if a.startswith("pipeline") and any(d.startswith("launch") for d in deps)
+    }
     assert importers <= {"pipeline.cli"}, f"only the CLI may call into launch/: {sorted(importers)}"
     assert any(m.startswith("launch") for m in pipeline_imports)
 
 
-RUN_FOLDER_NAMES = ("summary.json", "config.yaml", "checkpoints", "train_log.jsonl", "tracking_spool.jsonl", "status.json")
+RUN_FOLDER_NAMES = (
+    "summary.json",
+    "config.yaml",
+    "checkpoints",
+    "train_log.jsonl",
+    "tracking_spool.jsonl",
+    "status.json",
+)
 
 
 def test_only_rundir_spells_the_run_folder():
@@ -136,8 +152,14 @@ def test_functions_fit_in_a_head():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1  # the docstring does not count: it is for the reader
-                doc = node.body[0] if node.body and isinstance(node.body[0], ast.Expr) and \
-                    isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str) else None
+                doc = (
+                    node.body[0]
+                    if node.body
+                    and isinstance(node.body[0], ast.Expr)
+                    and isinstance(node.body[0].value, ast.Constant)
+                    and isinstance(node.body[0].value.value, str)
+                    else None
+                )
                 if doc is not None:
                     length -= doc.end_lineno - doc.lineno + 1
                 if length > 60:

@@ -60,9 +60,7 @@ def test_digits_manifest_counts_and_split(digits_dir: Path):
     assert train["pattern"] == f"train-{{000000..{len(train['shards']) - 1:06d}}}.tar"
     assert all(c <= 200 for c in train["counts"]) and len(train["shards"]) == 8
     # no temp files left behind
-    assert sorted(p.name for p in digits_dir.iterdir()) == sorted(
-        ["manifest.json", *train["shards"], *val["shards"]]
-    )
+    assert sorted(p.name for p in digits_dir.iterdir()) == sorted(["manifest.json", *train["shards"], *val["shards"]])
 
 
 def test_digits_tarfile_roundtrip(digits_dir: Path):
@@ -190,7 +188,9 @@ def test_write_split_passes_bytes_through_unchanged(tmp_path: Path):
     buf = io.BytesIO()
     Image.new("RGB", (20, 10), "red").save(buf, format="JPEG", quality=50)
     raw = buf.getvalue()
-    spec = write_split([("a", raw, 3, None), ("b", raw, 1, {"x": 1})], tmp_path, "test", image_format="jpg", max_side=20)
+    spec = write_split(
+        [("a", raw, 3, None), ("b", raw, 1, {"x": 1})], tmp_path, "test", image_format="jpg", max_side=20
+    )
     assert spec == ShardSpec("test", "test-{000000..000000}.tar", ["test-000000.tar"], [2], 2)
     got = _tar_samples(tmp_path / "test-000000.tar")
     assert got["a"] == {"jpg": raw, "cls": b"3"}

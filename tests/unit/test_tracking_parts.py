@@ -37,7 +37,8 @@ def test_readable_run_name():
     when = time.mktime((2026, 11, 21, 9, 33, 0, 0, 0, -1))
     assert readable_run_name("pretrain", "vit_tiny_patch16_224", 32, when) == "pretrain vit_tiny 32px 2026-11-21 09:33"
     assert readable_run_name("finetune", "swin_base_patch4_window7_224.ms_in22k", 224, when).startswith(
-        "finetune swin_base 224px ")
+        "finetune swin_base 224px "
+    )
 
 
 def test_tracking_settings_are_checked_with_one_clear_error():
@@ -45,7 +46,9 @@ def test_tracking_settings_are_checked_with_one_clear_error():
         load_config(None, ["tracking.flush_every_s=0"])
     with pytest.raises(ConfigError, match=r"tracking\.final_wait_s=-1.0 must be >= 0"):
         load_config(None, ["tracking.final_wait_s=-1"])
-    with pytest.raises(ConfigError, match=r"tracking\.tracking_uri='localhost:5000' is not an MLflow store URI; use one of http:"):
+    with pytest.raises(
+        ConfigError, match=r"tracking\.tracking_uri='localhost:5000' is not an MLflow store URI; use one of http:"
+    ):
         load_config(None, ["tracking.tracking_uri=localhost:5000"])
 
 
@@ -56,5 +59,3 @@ def test_disabled_tracker_writes_nothing(tmp_path):
     tracker.log_metrics({"train_loss": 1.0}, 1)
     tracker.finish()
     assert tracker.close() and not RunDir(tmp_path / "run").spool.exists() and not (tmp_path / "run").exists()
-
-

@@ -40,10 +40,14 @@ def _config(**augment):
 def test_train_crop_matches_timm_when_no_reduction_applies(torch_resize):
     """Sources around the output size, the same random draws: with Pillow's resize the result is timm's bit
     for bit; with torch's uint8 kernel (the same filter) it differs only by rounding."""
-    ours = build_transforms(load_config(None, ["model.img_size=64", f"data.torch_resize={str(torch_resize).lower()}"]),
-                            64, training=True)
-    timm = build_transforms(load_config(None, ["model.img_size=64", "data.draft_decode=false",
-                                               "data.torch_resize=false"]), 64, training=True)
+    ours = build_transforms(
+        load_config(None, ["model.img_size=64", f"data.torch_resize={str(torch_resize).lower()}"]), 64, training=True
+    )
+    timm = build_transforms(
+        load_config(None, ["model.img_size=64", "data.draft_decode=false", "data.torch_resize=false"]),
+        64,
+        training=True,
+    )
     assert isinstance(ours, WorkerTransform) and isinstance(ours.steps[0], FastRandomResizedCrop)
     assert not isinstance(timm.steps[1], FastRandomResizedCrop)  # both off: timm's own step
     diffs = []
@@ -62,9 +66,24 @@ def test_train_crop_matches_timm_when_no_reduction_applies(torch_resize):
 
 def test_large_sources_are_decoded_at_reduced_size_with_a_close_result():
     config = _config(scale="[0.9,1.0]", color_jitter="null", hflip=0.0)
-    ours, full = build_transforms(config, 64, True), build_transforms(
-        load_config(None, ["model.img_size=64", "augment.scale=[0.9,1.0]", "augment.color_jitter=null",
-                           "augment.hflip=0.0", "data.draft_decode=false", "data.torch_resize=false"]), 64, True)
+    ours, full = (
+        build_transforms(config, 64, True),
+        build_transforms(
+            load_config(
+                None,
+                [
+                    "model.img_size=64",
+                    "augment.scale=[0.9,1.0]",
+                    "augment.color_jitter=null",
+                    "augment.hflip=0.0",
+                    "data.draft_decode=false",
+                    "data.torch_resize=false",
+                ],
+            ),
+            64,
+            True,
+        ),
+    )
     data = _jpeg(800, 600)
     lazy = decode_sample(_sample(data), lazy=True)[0]
     assert lazy.size == (800, 600)

@@ -22,8 +22,13 @@ class Supervised(Objective):
         self.num_classes = num_classes
         self.mixup = None
         if a.mixup > 0 or a.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob,
-                               label_smoothing=a.label_smoothing, num_classes=num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=a.mixup,
+                cutmix_alpha=a.cutmix,
+                prob=a.mixup_prob,
+                label_smoothing=a.label_smoothing,
+                num_classes=num_classes,
+            )
             self.criterion = SoftTargetCrossEntropy()
         elif a.label_smoothing > 0:
             self.criterion = LabelSmoothingCrossEntropy(a.label_smoothing)
