@@ -19,6 +19,9 @@ PORT ?= 5000
 PYTEST_ARGS ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONUNBUFFERED := 1
+# DeepSpeed JIT-builds its CPU communication op once per environment; a cache per checkout keeps two checkouts
+# (or CI next to a developer's tree) from rebuilding it over each other, each waiting on the other's build lock
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --locked --no-sync python

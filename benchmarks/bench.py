@@ -200,17 +200,27 @@ def _time_loader(loader, images: int) -> float:
         except StopIteration:
             it = iter(loader)
             continue
-        count += len(out[1])
+        count += len(out.labels) if hasattr(out, "labels") else len(out[1])  # ours: a Batch; timm's: a tuple
     rate = count / (time.perf_counter() - start)
     del it
     return rate
+
+
+class _Restartable:
+    """The trainer's endless batch iterator, in the shape _time_loader expects (iter() starts it)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make(start_step=0))
 
 
 def bench_pipeline_loader(config, plan, images: int) -> float:
     from pipeline.data.loader import RankData
 
     data = RankData(config, plan, 0, 1, config.model.img_size or 224, pin_memory=False)
-    return _time_loader(data.train_batches(epoch=0), images)
+    return _time_loader(_Restartable(data.train_batches), images)
 
 
 def bench_timm_wds(config, plan, transform, images: int) -> float:
@@ -349,13 +359,14 @@ def bench_data_wait(config, plan, model, steps: int) -> dict:
     engine = create_engine(model, make_optimizer(model, config, dev), config, 1)
     data = RankData(config, plan, 0, 1, config.model.img_size or 224, pin_memory=dev.type == "cuda")
     normalize = DeviceNormalize(config, dev)
-    batches = iter(data.train_batches(epoch=0))
+    batches = iter(data.train_batches(start_step=0))
     criterion = torch.nn.CrossEntropyLoss()
     next(batches)
     wait, start = 0.0, time.perf_counter()
     for _ in range(steps * config.optim.grad_accum_steps):
         t0 = time.perf_counter()
-        images, labels, _, _ = next(batches)
+        batch = next(batches)
+        images, labels = batch.images, batch.labels
         wait += time.perf_counter() - t0
         loss = criterion(engine(normalize(images.to(dev), True).to(dtype)).float(), labels.to(dev))
         engine.backward(loss)

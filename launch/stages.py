@@ -64,9 +64,10 @@ def prepare(request: StageRequest, resolve_weights: bool = True) -> tuple[Config
         config.launch.cluster = cluster
         config.check()  # the world size may have changed
     if cluster == "slurm":
-        from launch.slurm.params import check_slurm
+        from launch.slurm.params import check_slurm, fit_to_partition
 
         check_slurm(config.launch)
+        fit_to_partition(config.launch)
     plan = plan_data(config, config.world_size)
     if config.model.num_classes is None:
         if not plan.classes:
@@ -101,9 +102,23 @@ def open_run(config: Config, family: str) -> tuple[RunDir, bool, Optional[str]]:
     busy = slurm_job_busy(run) if resuming else None
     if busy:
         return run, resuming, busy
+    if resuming:
+        check_resumable(run, config)
     run.write_config(config)  # on resume: the saved one, with only allowed keys changed (run.stop_at_step...)
     print(f"{'resuming' if resuming else 'new'} {config.run.stage} run: {run}", file=sys.stderr)
     return run, resuming, None
+
+
+def check_resumable(run: RunDir, config: Config) -> None:
+    """A checkpoint of another world size resumes through DeepSpeed's universal checkpoints (ZeRO-1/2 only):
+    refuse what cannot work now, not after the ranks have started."""
+    from pipeline.train.tags import elastic_problem, latest_complete, read_meta
+
+    tag = latest_complete(run.checkpoints)
+    if tag is not None:
+        problem = elastic_problem(read_meta(run.checkpoints / tag), config.world_size, config.deepspeed.zero_stage)
+        if problem:
+            raise ConfigError(f"run.name={run.name} cannot resume from {tag}: {problem}")
 
 
 def run_stage(request: StageRequest, print_config: bool = False) -> int:
@@ -128,9 +143,35 @@ def run_stage(request: StageRequest, print_config: bool = False) -> int:
 
 
 def run_local_stage(config: Config, run: RunDir) -> int:
+    """The ranks as local processes, restarted from the latest checkpoint after a failure (launch.max_failures)."""
     from launch.local import run_local
+    from launch.retry import record_failure, retry_decision
+    from launch.watchdog import Watch
 
-    code = run_local([sys.executable, "-m", "pipeline.worker", str(run)], config.launch.nproc, run.logs)
+    launch = config.launch
+    watch = Watch(run.heartbeats, launch.hang_timeout_s, launch.startup_grace_s, launch.heartbeat_s)
+    attempt = 0
+    while True:
+        result = run_local(
+            [sys.executable, "-m", "pipeline.worker", str(run)], launch.nproc, run.logs, watch=watch, attempt=attempt
+        )
+        code, failure = result.code, result.failure
+        if failure is None:
+            break
+        record_failure(
+            run, rank=failure.rank, node=failure.node, step=failure.step, cause=failure.cause, attempt=attempt
+        )
+        retry, why = retry_decision(run, launch.max_failures)
+        if not retry:
+            if launch.max_failures:
+                print(f"not retried: {why}", file=sys.stderr)
+            break
+        attempt += 1
+        print(
+            f"retrying from the latest checkpoint ({why}); cause: rank {failure.rank} at step {failure.step}: "
+            f"{failure.cause}",
+            file=sys.stderr,
+        )
     if code == EXIT_RESUMABLE:
         print(
             f"stopped with a checkpoint; run the same command again (or add run.name={run.name}) to resume",
@@ -178,17 +219,50 @@ def run_slurm_stage(config: Config, run: RunDir, resume: str) -> int:
         job = submit_stage(config, run, resume)
     except SubmitError as exc:
         return fail(f"{exc} (check launch.slurm.* / the cluster profile {config.launch.slurm_profile or '(none)'})")
+    if not starts(job):
+        return 1
     if not config.launch.wait:
         print("  (returns now; add launch.wait=true to follow the job until it ends)", file=sys.stderr)
         return 0
     return follow_slurm_job(job, run, resume)
 
 
+def starts(job, seconds: float = 30.0) -> bool:
+    """Wait until the scheduler has looked at a new job: one pending for a reason that will not clear by itself
+    (a limit it exceeds: cancelled; nodes that are down) is reported now, and False returned."""
+    import subprocess
+    import time
+
+    from launch.slurm.status import pending_verdict
+
+    end = time.monotonic() + seconds
+    verdict, reason = pending_verdict(job.job_id)
+    while verdict == "unknown" and time.monotonic() < end:
+        time.sleep(1.0)
+        verdict, reason = pending_verdict(job.job_id)
+    if verdict == "never":
+        subprocess.run(["scancel", str(job.job_id)], check=False)
+        print(
+            f"error: job {job.job_id} can never start (pending, Reason={reason}); it was cancelled: change "
+            f"launch.nodes / launch.slurm.* or the cluster profile",
+            file=sys.stderr,
+        )
+        return False
+    if verdict == "blocked":
+        print(
+            f"error: job {job.job_id} cannot start: pending, Reason={reason} (nodes down or drained); "
+            f"scancel {job.job_id}, or bring the nodes back",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
 def follow_slurm_job(job, run: RunDir, resume: str) -> int:
     """Stream rank 0 until the job ends; 0 finished, 3 stopped/cancelled with a checkpoint, 1 failed."""
     from launch.slurm.monitor import explain_failure, wait
     from launch.slurm.status import write_status
-    from pipeline.train.checkpoint import latest_complete
+    from pipeline.train.tags import latest_complete
 
     try:
         outcome = wait(job)
@@ -198,6 +272,13 @@ def follow_slurm_job(job, run: RunDir, resume: str) -> int:
             file=sys.stderr,
         )
         return 130
+    if outcome.status == "blocked":
+        print(
+            f"error: job {job.job_id} cannot start: pending, Reason={outcome.reason}; scancel {job.job_id}, "
+            f"or fix what it waits for",
+            file=sys.stderr,
+        )
+        return 1
     if outcome.status == "completed":
         print(f"finished: {run} (Slurm job {job.job_id})\n  summary: {run.summary}\n  MLflow: make ui", file=sys.stderr)
         return 0

@@ -6,6 +6,8 @@ the layout; everything else asks a ``RunDir`` (or ``RunsRoot`` for what sits bes
     config.yaml            the resolved config (the run's identity: a changed config is refused on resume)
     checkpoints/stepN/     DeepSpeed checkpoints; only those with a COMPLETE marker are used
     logs/rankN.log         ranks other than 0 (local launcher)
+    heartbeat/rankN.json   each rank's progress, read by the hang watchdog (launch/watchdog.py)
+    failures.jsonl         the cause of each failed attempt (automatic retries, launch.max_failures)
     slurm/                 submitit's pickles and logs, status.json (Slurm launcher)
     train_log.jsonl        one line per log step (loss, lr, ...): the loss curve, kept out of checkpoints
     summary.json           written once the run is complete
@@ -33,8 +35,17 @@ RESUMABLE_DIFFERENCES = (
     "launch.cluster",
     "checkpoint.keep_last",
     "launch.slurm",  # partition, time limit, profile...: where it runs, not what
-    "tracking.",
-)  # tracking never changes what is computed (parent run, server, intervals...)
+    "launch.hang_timeout_s",  # how faults are handled, not what is computed
+    "launch.startup_grace_s",
+    "launch.heartbeat_s",
+    "launch.max_failures",
+    "launch.nproc",  # the world size: a run resumes on another (elastic, pipeline/train/checkpoint.py)
+    "launch.nodes",
+    "launch.gpus_per_node",
+    "launch.tasks_per_node",
+    "deepspeed.zero_stage",  # between ZeRO-1 and 2 on any world size; checked at resume
+    "tracking.",  # tracking never changes what is computed (parent run, server, intervals...)
+)
 
 
 class RunDir:
@@ -69,6 +80,30 @@ class RunDir:
     adaptation = property(lambda self: self.path / "adaptation.json")
     pretrained_ready = property(lambda self: self.path / "pretrained.ready")
     model_dir = property(lambda self: self.path / "model")
+    heartbeats = property(lambda self: self.path / "heartbeat")  # rankNNNNN.json: each rank's progress
+    failures = property(lambda self: self.path / "failures.jsonl")  # one line per failed attempt: its cause
+
+    def keys(self, rank: int) -> Path:
+        """data.record_keys: the sample keys of each step on this rank."""
+        return self.path / "keys" / f"rank{rank:05d}.jsonl"
+
+    def heartbeat(self, rank: int) -> Path:
+        return self.heartbeats / f"rank{rank:05d}.json"
+
+    def record_failure(self, record: dict) -> None:
+        with open(self.failures, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def read_failures(self) -> list[dict]:
+        if not self.failures.exists():
+            return []
+        out = []
+        for line in self.failures.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
 
     def is_complete(self) -> bool:
         return self.summary.exists()

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from launch.local import tail
+from launch.slurm.after import teardown_lines
 from launch.slurm.params import SubmitError, make_executor
-from launch.slurm.status import FINAL_STATES, job_state, write_status
+from launch.slurm.status import FINAL_STATES, job_state, pending_verdict, read_status, write_status
 from launch.slurm.task import SlurmRank
+from launch.watchdog import Watch
 from pipeline.rundir import RunDir
 
 WORKER_ENTRY = "pipeline.worker:run"  # the pipeline's rank entry point, named, never imported here
@@ -33,6 +35,8 @@ def submit(
     name: str,
     dependency: Optional[str] = None,
     resume_hint: Optional[str] = None,
+    watch: Optional[Watch] = None,
+    teardown: Sequence[str] = (),
 ):
     """Submit the job; returns submitit's Job. Raises SubmitError when sbatch refuses it."""
     from submitit.core.utils import FailedJobError, FailedSubmissionError
@@ -42,8 +46,8 @@ def submit(
     echoed = io.StringIO()  # submitit prints sbatch's error itself; it goes into our one line instead
     try:
         with contextlib.redirect_stderr(echoed):
-            executor = make_executor(folder, launch, name=name, dependency=dependency)
-            job = executor.submit(SlurmRank(entry, [str(a) for a in args], os.getcwd()))
+            executor = make_executor(folder, launch, name=name, dependency=dependency, teardown=teardown)
+            job = executor.submit(SlurmRank(entry, [str(a) for a in args], os.getcwd(), watch))
     except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError, OSError) as exc:
         text = " ".join(str(exc).split()) or " ".join(echoed.getvalue().split()) or type(exc).__name__
         raise SubmitError(f"sbatch refused the job: {text}") from None
@@ -73,15 +77,18 @@ def submit_run(
 ):
     """One pipeline run as one job: folder <run dir>/slurm, ``entry(run_dir, *extra_args)`` on every task.
     Only the launch section and the stage are read. dependency: e.g. ``f"afterok:{pretrain_job.job_id}"``."""
-    run_dir = Path(run_dir).resolve()
+    run = RunDir(Path(run_dir).resolve())
+    launch = config.launch
     return submit(
-        RunDir(run_dir).slurm,
+        run.slurm,
         entry,
-        [str(run_dir), *extra_args],
-        config.launch,
-        name=f"{config.run.stage}-{run_dir.name}",
+        [str(run.path), *extra_args],
+        launch,
+        name=f"{config.run.stage}-{run.name}",
         dependency=dependency,
         resume_hint=resume_hint,
+        watch=Watch(run.heartbeats, launch.hang_timeout_s, launch.startup_grace_s, launch.heartbeat_s),
+        teardown=teardown_lines(run.path, launch.max_failures),
     )
 
 
@@ -116,6 +123,7 @@ class Outcome:
     errors: dict[int, str] = field(default_factory=dict)  # task -> traceback
     first_failed: Optional[int] = None  # the task whose error came first: the cause, the others follow
     log_tail: str = ""
+    reason: str = ""  # Slurm's pending reason, for a job that cannot start
 
 
 def _read_results(job) -> dict[int, tuple[str, Any, float]]:
@@ -169,6 +177,10 @@ def wait(job, *, out: Optional[TextIO] = sys.stderr, poll_s: float = 1.0, state_
             state, last_check = job_state(job.job_id), time.monotonic()
             if state in FINAL_STATES:
                 break
+            if state == "PENDING":  # e.g. requeued, and now the nodes it needs are down
+                verdict, reason = pending_verdict(job.job_id)
+                if verdict in ("never", "blocked"):
+                    return Outcome(job.job_id, "PENDING", "blocked", reason=reason)
         time.sleep(poll_s)
     if follow:
         follow.pump()
@@ -205,23 +217,38 @@ def _outcome(job, state: str) -> Outcome:
 
 
 def explain_failure(outcome: Outcome, folder: Path) -> str:
-    """The failing rank's traceback first, then one line per other failed rank."""
-    if outcome.first_failed is None:
+    """The cause first (the rank named by the job's teardown or watchdog: a signal, a hang, the first error), its
+    traceback when it has one, then one line per rank that failed because of it."""
+    status = read_status(folder)
+    cause = status.get("failed_rank")
+    lines = []
+    if cause is not None and status.get("error"):
+        where = f"rank {cause} on {status.get('failed_node', '?')}"
+        step = f" at step {status['failed_step']}" if status.get("failed_step") is not None else ""
+        lines.append(f"job {outcome.job_id} failed ({outcome.state or 'FAILED'}): {where}{step}: {status['error']}")
+    first = int(cause) if cause is not None else outcome.first_failed
+    if first is None:
         _, err = log_paths(folder, outcome.job_id)
-        return (
-            f"job {outcome.job_id} ended {outcome.state or 'without a result'}; no rank reported an error. "
-            f"Last lines of rank 0 ({err}):\n{outcome.log_tail}"
+        return "\n".join(
+            lines
+            + [
+                f"job {outcome.job_id} ended {outcome.state or 'without a result'}; no rank reported "
+                f"an error. Last lines of rank 0 ({err}):\n{outcome.log_tail}"
+            ]
         )
-    first = outcome.first_failed
-    lines = [
-        f"job {outcome.job_id} failed ({outcome.state or 'FAILED'}): rank {first} failed first, "
-        f"the job was stopped. Its traceback:",
-        outcome.errors[first].rstrip(),
-    ]
+    if first in outcome.errors:
+        if not lines:
+            lines.append(
+                f"job {outcome.job_id} failed ({outcome.state or 'FAILED'}): rank {first} failed first, "
+                f"the job was stopped."
+            )
+        lines += [f"Traceback of rank {first}:", outcome.errors[first].rstrip()]
     for task, trace in sorted(outcome.errors.items()):
         if task != first:
             last = [line for line in trace.strip().splitlines() if line.strip()][-1:] or ["?"]
             lines.append(f"rank {task} (after rank {first}): {last[0]}")
+    if status.get("retry"):
+        lines.append(f"retries: {status['retry']}")
     _, err = log_paths(folder, outcome.job_id, first)
     lines.append(f"full log of rank {first}: {err}")
     return "\n".join(lines)

@@ -83,3 +83,44 @@ def write_status(folder: Path, **fields) -> dict:
         status.pop("failed_rank", None), status.pop("error", None)
     atomic_write(folder / STATUS_FILE, json.dumps(status, indent=2) + "\n")
     return status
+
+
+# Pending reasons that no amount of waiting clears: the request exceeds what the partition, account or QOS allows.
+NEVER_STARTS = (
+    "PartitionConfig",
+    "PartitionNodeLimit",
+    "PartitionTimeLimit",
+    "BadConstraints",
+    "InvalidAccount",
+    "InvalidQOS",
+    "AccountNotAllowed",
+    "QOSNotAllowed",
+    "QOSMaxCpuPerJobLimit",
+    "QOSMaxGRESPerJob",
+    "QOSMaxNodePerJobLimit",
+    "QOSMaxWallDurationPerJobLimit",
+    "AssocMaxCpuPerJobLimit",
+    "AssocMaxGRESPerJob",
+    "AssocMaxNodePerJobLimit",
+    "AssocMaxWallDurationPerJobLimit",
+)
+
+
+def pending_verdict(job_id: str) -> tuple[str, str]:
+    """(verdict, Slurm's reason) for a job just submitted: "running" (started or gone), "queued" (pending for a
+    reason that clears by itself: priority, resources, a dependency), "never" (a limit it exceeds), "blocked"
+    (nodes it needs are down or drained), or "unknown" (the scheduler has not looked at it yet)."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%T|%r"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown", ""
+    state, _, reason = out.partition("|")
+    if state != "PENDING":
+        return "running", reason
+    if reason in NEVER_STARTS:
+        return "never", reason
+    if reason.startswith("ReqNodeNotAvail"):
+        return "blocked", reason
+    return ("unknown", reason) if reason in ("None", "") else ("queued", reason)

@@ -30,6 +30,7 @@ notice); after ``scancel`` the job is already COMPLETING and is left to end, wit
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import logging
 import os
@@ -39,9 +40,11 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 from launch.env import node_name, rank_environment
 from launch.slurm.status import job_state, read_status, write_status
+from launch.watchdog import SLOW_PHASES, Watch
 from pipeline.rundir import EXIT_RESUMABLE
 
 EXIT_GRACE_S = 60.0  # a failed rank that has not exited by then is ended (see _exit_soon)
@@ -116,8 +119,8 @@ except ImportError:  # submitit is a dependency; this only keeps `import launch.
 class SlurmRank(_Checkpointable):
     """One task of the job. Checkpointable: submitit re-pickles it (same entry, same args) on requeue."""
 
-    def __init__(self, entry: str, args: Sequence[str], cwd: str):
-        self.entry, self.args, self.cwd = entry, list(args), cwd
+    def __init__(self, entry: str, args: Sequence[str], cwd: str, watch: Optional[Watch] = None):
+        self.entry, self.args, self.cwd, self.watch = entry, list(args), cwd, watch
 
     def __call__(self) -> dict:
         import submitit
@@ -144,6 +147,8 @@ class SlurmRank(_Checkpointable):
                 nodes=list(job_env.hostnames),
                 python=sys.executable,
             )
+        if self.watch is not None and self.watch.hang_timeout_s > 0:
+            _start_watchdog(self.watch, job_env.num_tasks, folder, attempt)
         try:
             code = resolve_entry(self.entry)(*self.args)
         except BaseException as exc:
@@ -195,6 +200,39 @@ def _stopped(job_env, folder: Path, stops: _StopSignals, names: list[str]) -> di
             folder, state="STOPPED", attempt=attempt, signals=names, message=f"stopped with a checkpoint ({why})"
         )
     return {"rank": rank, "status": "requeue" if requeue else "stopped", "signals": names, "attempt": attempt}
+
+
+def _start_watchdog(watch: Watch, world_size: int, folder: Path, attempt: int) -> None:
+    """Every task watches every rank's heartbeat (the run folder is on a shared file system). The first to see a
+    hang names the rank in status.json, dumps its own stacks into its log and exits: srun then ends the job and
+    the batch script's teardown (launch/slurm/after.py) records the cause and retries or fails the job."""
+    dog = watch.dog(world_size)
+
+    def loop():
+        while True:
+            time.sleep(2.0)
+            hang = dog.check()
+            if hang is None:
+                continue
+            limit = dog.startup_grace_s if hang.phase in SLOW_PHASES else dog.hang_timeout_s
+            message = hang.describe(limit)
+            print(f"hang watchdog: {message}; ending the job. This rank's Python stacks:", file=sys.stderr)
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            status = read_status(folder)
+            if not (status.get("state") == "FAILED" and status.get("attempt") == attempt):
+                write_status(
+                    folder,
+                    state="FAILED",
+                    attempt=attempt,
+                    failed_rank=hang.rank,
+                    failed_node=hang.node,
+                    failed_step=hang.step,
+                    error=f"hang: {message}",
+                )
+            sys.stderr.flush()
+            os._exit(1)
+
+    threading.Thread(target=loop, name="hang-watchdog", daemon=True).start()
 
 
 def _exit_soon(seconds: float) -> None:

@@ -65,6 +65,11 @@ class DataConfig:
     samples_per_epoch: Optional[int] = None  # what counts as an epoch; default: train_samples
     batch_size: int = 128  # GLOBAL batch per optimizer step = micro batch x ranks x grad_accum_steps
     num_workers: int = 2  # loader processes per rank
+    # Canonical sample streams (None: the shard count, at most 64, dividing batch_size). Fixed for a run: every
+    # global batch takes batch_size / streams samples from each stream, so it is the same set of samples on any
+    # number of ranks and loader workers (a run may resume on another world size that divides it).
+    streams: Optional[int] = None
+    record_keys: bool = False  # write each step's sample keys to <run>/keys/ (audits, the elastic-resume test)
     shuffle_buffer: int = 1000  # samples held for shuffling within each worker
     prefetch_factor: int = 4
     pin_memory: bool = True  # only used on CUDA
@@ -74,6 +79,8 @@ class DataConfig:
 
     def check(self) -> None:
         _all_positive("data", self, "batch_size prefetch_factor shuffle_buffer")
+        if self.streams is not None:
+            positive("data.streams", self.streams)
         positive("data.num_workers", self.num_workers, allow_zero=True)
         if self.resampled and not self.samples_per_epoch:
             raise ConfigError("data.resampled=true needs data.samples_per_epoch (how many samples make an epoch)")
@@ -258,7 +265,7 @@ class SlurmConfig:
     account: Optional[str] = None
     qos: Optional[str] = None
     time_min: int = 60
-    cpus_per_task: int = 8
+    cpus_per_task: Optional[int] = None  # per task (rank); None: the nodes' CPUs / tasks per node (from sinfo)
     mem_gb: Optional[int] = None
     constraint: Optional[str] = None
     signal_delay_s: int = 120  # USR2 this long before the time limit -> checkpoint and requeue
@@ -275,6 +282,13 @@ class LaunchConfig:
     gpus_per_node: int = 0  # slurm; one task per GPU
     tasks_per_node: Optional[int] = None  # slurm; default: gpus_per_node, or 1 without GPUs
     wait: bool = False  # slurm: stream progress and wait for the job
+    # A rank without progress this long ends the job (0: no watchdog); collectives' own timeouts do not fire on
+    # CPU and not for every hang on GPUs (docs/reliability.md). Before the first step and during checkpoint
+    # saves the longer startup_grace_s applies (imports, rendezvous, compilation, large saves).
+    hang_timeout_s: float = 600.0
+    startup_grace_s: float = 1800.0
+    heartbeat_s: float = 5.0  # each rank writes its progress this often (a small file in <run>/heartbeat/)
+    max_failures: int = 0  # restart a failed run this many times from its latest checkpoint (not the same error twice)
     slurm_profile: Optional[str] = None  # YAML with a 'slurm:' section, e.g. configs/cluster/example.yaml
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -290,7 +304,8 @@ class LaunchConfig:
     def check(self) -> None:
         """The process counts; the Slurm settings are checked by launch/ before anything is submitted."""
         one_of("launch.cluster", self.cluster, CLUSTERS)
-        _all_positive("launch", self, "nproc nodes")
+        _all_positive("launch", self, "nproc nodes heartbeat_s")
+        _all_positive("launch", self, "hang_timeout_s startup_grace_s max_failures", allow_zero=True)
         positive("launch.gpus_per_node", self.gpus_per_node, allow_zero=True)
         if self.tasks_per_node is not None:
             positive("launch.tasks_per_node", self.tasks_per_node)

@@ -29,18 +29,20 @@ class BatchBuilder:
         self.batch_size, self.shared, self.recycle = batch_size, shared, recycle
         self.images: Optional[torch.Tensor] = None
         self.labels: list[int] = []
+        self.keys: list[str] = []
         self.ring: list[torch.Tensor] = []
         self.batches = 0
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def add(self, item, label: int) -> None:
+    def add(self, item, label: int, key: str = "") -> None:
         tensor = _as_tensor(item)
         if self.images is None:
             self.images = self._buffer((self.batch_size, *tensor.shape), tensor.dtype)
         self.images[len(self.labels)].copy_(tensor)
         self.labels.append(label)
+        self.keys.append(key)
 
     def _buffer(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         slot = self.batches % self.recycle if self.recycle else None
@@ -61,11 +63,13 @@ class BatchBuilder:
             self.ring[slot : slot + 1] = [buffer]
         return buffer
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch so far (a partial one is a view of the first rows); the builder starts a new one."""
-        images, labels = self.images[: len(self.labels)], torch.tensor(self.labels)
-        self.images, self.labels = None, []
-        return images, labels
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The batch so far (a partial one is a view of the first rows) and its keys; the builder starts anew."""
+        if self.images is None:  # nothing was added (every sample of this part was undecodable)
+            self.images = self._buffer((self.batch_size, 3, 1, 1), torch.uint8)
+        images, labels, keys = self.images[: len(self.labels)], torch.tensor(self.labels, dtype=torch.long), self.keys
+        self.images, self.labels, self.keys = None, [], []
+        return images, labels, keys
 
 
 def _as_tensor(item) -> torch.Tensor:

@@ -1,18 +1,25 @@
-"""The train and val loaders of one rank, built from the plan and the config."""
+"""The train and val loaders of one rank, built from the plan and the config.
+
+Training: the loader's workers each deliver one part per optimizer step (their streams' samples, see
+pipeline/data/stream.py); here the parts of a step are put in canonical stream order (a copy only with more than
+one worker) and split into the step's ``grad_accum_steps`` micro batches.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Optional
 
+import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.plan import DataPlan, deal_shards, usable_workers
-from pipeline.data.stream import StreamSpec, make_loader
+from pipeline.data.stream import Batch, StreamSpec, make_loader
 from pipeline.data.transforms import build_transforms
 
 
 class RankData:
-    """Train and val loaders for one rank, epoch by epoch."""
+    """Train and val loaders for one rank."""
 
     def __init__(
         self,
@@ -31,33 +38,40 @@ class RankData:
         self.eval_transform = build_transforms(config, img_size, training=False)
         self.pin_memory = pin_memory
 
-    def train_batches(self, epoch: int, skip_batches: int = 0) -> DataLoader:
-        """Training batches from micro batch ``skip_batches`` of ``epoch`` on, running on through the later
-        epochs: one loader, and one start-up of its workers, for the whole run (measured: a new loader per
-        epoch cost ~0.2 s of waiting and discarded its prefetched batches at every epoch, ~6% of the demo).
-        The caller must be done with a batch's images when it asks for the next (buffers are recycled)."""
-        d = self.config.data
-        workers = (
-            d.num_workers if d.resampled else usable_workers(d.num_workers, len(self.plan.train_shards), self.world)
-        )
-        epoch_batches = self.plan.steps_per_epoch * self.config.optim.grad_accum_steps
-        spec = StreamSpec(
-            tuple(self.plan.train_shards),
-            self.micro_batch,
+    def train_spec(self, start_step: int) -> StreamSpec:
+        d, plan = self.config.data, self.plan
+        return StreamSpec(
+            tuple(plan.train_shards),
             self.config.run.seed,
-            epoch,
             self.rank,
             self.world,
-            workers,
+            usable_workers(d.num_workers, plan.streams, self.world),
             True,
-            d.shuffle_buffer,
-            d.resampled,
-            skip_batches,
-            epoch_batches,
+            streams=plan.streams,
+            chunk=d.batch_size // plan.streams,
+            epoch_steps=plan.steps_per_epoch,
+            start_step=start_step,
+            shuffle_buffer=d.shuffle_buffer,
+            resampled=d.resampled,
             recycle_buffers=d.prefetch_factor + 3,
             require_labels=self.require_labels,
         )
-        return make_loader(spec, self.train_transform, prefetch_factor=d.prefetch_factor, pin_memory=self.pin_memory)
+
+    def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
+        """Micro batches from optimizer step ``start_step`` on, running through the epochs: one loader, and one
+        start-up of its workers, for the whole run. The caller must be done with a batch's images when it asks
+        for the next (buffers are recycled)."""
+        spec = self.train_spec(start_step)
+        loader = make_loader(
+            spec, self.train_transform, prefetch_factor=self.config.data.prefetch_factor, pin_memory=self.pin_memory
+        )
+        parts = iter(loader)
+        workers = max(1, spec.workers)
+        out = None
+        while True:
+            step_parts = [next(parts) for _ in range(workers)]  # the loader serves its workers in turn
+            batch, out = assemble(step_parts, spec.chunk, out, self.pin_memory)
+            yield from split(batch, self.config.optim.grad_accum_steps)
 
     def val_batches(self) -> Optional[DataLoader]:
         """This rank's share of the val shards (possibly none), one pass, unshuffled."""
@@ -67,13 +81,59 @@ class RankData:
         d = self.config.data
         spec = StreamSpec(
             tuple(self.plan.val_shards),
-            self.micro_batch,
-            0,
             0,
             self.rank,
             self.world,
             min(d.num_workers, len(mine)),
             False,
+            batch_size=self.micro_batch,
             require_labels=self.require_labels,
         )
         return make_loader(spec, self.eval_transform, prefetch_factor=d.prefetch_factor, pin_memory=self.pin_memory)
+
+
+def assemble(parts: list[Batch], chunk: int, out: Optional[torch.Tensor], pin: bool) -> tuple[Batch, torch.Tensor]:
+    """One step's parts -> the rank's batch, its samples in canonical stream order (so the micro batches are the
+    same whatever the worker count). One part is already in order: no copy. ``out``: a buffer to reuse."""
+    steps = {p.step for p in parts}
+    if len(steps) != 1:
+        raise RuntimeError(f"loader parts of different steps arrived together: {sorted(steps)}")
+    skipped, error = sum(p.skipped for p in parts), next((p.error for p in reversed(parts) if p.error), "")
+    if len(parts) == 1:
+        p = parts[0]
+        return Batch(p.images, p.labels, skipped, error, p.keys, p.step), out
+    pieces = []  # (stream, images, labels, keys) of each stream's share
+    for p in parts:
+        start = 0
+        for stream, count in p.counts:
+            pieces.append(
+                (
+                    stream,
+                    p.images[start : start + count],
+                    p.labels[start : start + count],
+                    p.keys[start : start + count],
+                )
+            )
+            start += count
+    pieces.sort(key=lambda piece: piece[0])
+    total = sum(len(piece[2]) for piece in pieces)
+    sample_shape = max((piece[1].shape[1:] for piece in pieces if len(piece[2])), default=(3, 1, 1))
+    if out is None or out.shape[1:] != sample_shape or out.shape[0] < total:
+        out = torch.empty((total, *sample_shape), dtype=parts[0].images.dtype, pin_memory=pin)
+    images = out[:total]
+    if total:
+        torch.cat([piece[1] for piece in pieces if len(piece[2])], out=images)
+    labels = torch.cat([piece[2] for piece in pieces])
+    keys = [k for piece in pieces for k in piece[3]]
+    return Batch(images, labels, skipped, error, keys, parts[0].step), out
+
+
+def split(batch: Batch, micro_batches: int) -> Iterator[Batch]:
+    """The step's micro batches (views); drops are reported with the first."""
+    images = torch.tensor_split(batch.images, micro_batches)
+    labels = torch.tensor_split(batch.labels, micro_batches)
+    start = 0
+    for i, (imgs, labs) in enumerate(zip(images, labels)):
+        keys = batch.keys[start : start + len(labs)]
+        start += len(labs)
+        yield Batch(imgs, labs, batch.skipped if i == 0 else 0, batch.error if i == 0 else "", keys, batch.step)

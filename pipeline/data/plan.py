@@ -63,8 +63,41 @@ def deal_shards(
 
 
 def usable_workers(num_workers: int, shards: int, world: int) -> int:
-    """Workers that each get at least one shard on every rank (an empty worker would spin or hang)."""
+    """Workers that each get at least one shard (eval) or stream (training) on every rank: an empty one would
+    spin or hang."""
     return max(1, min(num_workers, shards // world)) if num_workers > 0 else 0
+
+
+MAX_DEFAULT_STREAMS = 64
+
+
+def resolve_streams(requested: Optional[int], shards: int, batch_size: int, world: int, resampled: bool) -> int:
+    """The number of canonical sample streams (pipeline/data/stream.py): fixed for a run whatever its world size,
+    so each global batch is the same set of samples on any number of ranks and workers. Default: as many as
+    there are shards, at most 64, reduced until it divides the global batch."""
+    if requested is None:
+        streams = min(MAX_DEFAULT_STREAMS, batch_size, shards if not resampled else MAX_DEFAULT_STREAMS)
+        while batch_size % streams:
+            streams -= 1
+    else:
+        streams = requested
+    hint = f"set data.streams to a multiple of the {world} ranks that divides data.batch_size={batch_size}" + (
+        ""
+        if resampled
+        else f" and is at most the {shards} shard(s) (write more, smaller shards with "
+        f"make shards SHARDS_ARGS='--samples-per-shard N', or data.resampled=true)"
+    )
+    if batch_size % streams:
+        raise DataError(f"data.streams={streams} does not divide data.batch_size={batch_size}; {hint}")
+    if not resampled and streams > shards:
+        raise DataError(f"data.streams={streams} needs at least that many train shards, there are {shards}; {hint}")
+    if streams % world:
+        which = "" if requested is not None else " (the default)"
+        raise DataError(
+            f"data.streams={streams}{which} cannot be split evenly over {world} ranks: every rank takes "
+            f"the same number of streams; {hint}"
+        )
+    return streams
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,6 +114,7 @@ class DataPlan:
     val_samples: Optional[int]
     classes: Optional[list[str]]
     steps_per_epoch: int
+    streams: int  # canonical sample streams of the training data (resolve_streams)
 
 
 def plan_data(config, world_size: int) -> DataPlan:
@@ -88,23 +122,21 @@ def plan_data(config, world_size: int) -> DataPlan:
     d = config.data
     train = expand_shards(d.train_shards, "data.train_shards")
     val = expand_shards(d.val_shards, "data.val_shards") if d.val_shards else []
-    manifest = find_manifest(train, d.manifest)
+    try:
+        manifest = find_manifest(train, d.manifest)
+    except FileNotFoundError as exc:
+        raise DataError(str(exc)) from None
     train_samples = d.train_samples or (manifest and count_in_manifest(manifest, train))
     if not train_samples and not d.samples_per_epoch:
         raise DataError(
             "data.train_samples is unknown: no manifest.json lists these shards; set "
             "data.train_samples (samples in one pass) or data.resampled=true with data.samples_per_epoch"
         )
-    if not d.resampled and len(train) < world_size:
-        raise DataError(
-            f"data.train_shards: {len(train)} shard(s) for {world_size} ranks; every rank needs at "
-            f"least one. Write more, smaller shards (make shards ARGS='--samples-per-shard N') "
-            f"or set data.resampled=true with data.samples_per_epoch"
-        )
+    streams = resolve_streams(d.streams, len(train), d.batch_size, world_size, d.resampled)
     per_epoch = d.samples_per_epoch or train_samples
     steps = per_epoch // d.batch_size
     if steps < 1:
         raise DataError(f"data.batch_size={d.batch_size} is larger than an epoch ({per_epoch} samples)")
     val_samples = manifest and val and count_in_manifest(manifest, val) or None
     classes = manifest.get("classes") if manifest else None
-    return DataPlan(train, val, int(train_samples or per_epoch), val_samples, classes, steps)
+    return DataPlan(train, val, int(train_samples or per_epoch), val_samples, classes, steps, streams)

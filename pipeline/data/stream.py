@@ -1,18 +1,22 @@
-"""Streaming WebDataset loader: shards split across ranks and loader workers, resumable mid-epoch.
+"""Streaming WebDataset loader: canonical sample streams for training, resumable at any step on any world size.
 
-How an epoch is laid out, and why:
+How training data is laid out, and why:
 
-* Shards are shuffled by ``(seed, epoch)`` and dealt out ``rank::world`` and then ``worker::workers``.
-  One pass over that split is disjoint and complete (tested).
-* Training needs the *same number of steps on every rank*, whatever the shard sizes, or the job hangs in
-  a collective at epoch end. Every rank therefore takes exactly ``steps_per_epoch`` micro batches per
-  epoch (from the manifest's sample count), and a worker that runs out of shards starts another pass
-  (re-dealt with a new seed). A rank with fewer samples sees a few twice; none ever waits for another.
-* Everything random is a function of ``(seed, epoch, rank, worker, position)``: shard order, the shuffle
-  buffer and each sample's augmentation (the RNGs are re-seeded per sample). A resumed run rebuilds the
-  epoch and skips the batches it already trained on *before decoding*, so it continues bit-identically.
-* Undecodable samples and unreadable tar members are skipped and counted; the count travels with each
-  batch to the trainer, which reports it.
+* The training shards feed ``C`` canonical streams (``data.streams``, fixed for the run). In epoch ``e`` the
+  shards are shuffled by ``(seed, e)`` and stream ``s`` reads every C-th of them, through its own seeded
+  shuffle buffer. Optimizer step ``t`` takes the next ``chunk = batch_size / C`` samples of EVERY stream:
+  the global batch of a step is the same set of samples whatever the number of ranks and loader workers
+  (Mosaic Streaming's canonical nodes, for tar shards). Ranks own contiguous blocks of C / W streams, loader
+  workers own every k-th stream of their rank, so each stream is read by exactly one process, sequentially.
+* Every rank therefore takes the same number of steps, whatever the shard sizes (a stream that runs out of
+  shards starts another pass over a new deal); no rank ever waits for another at an epoch's end.
+* Everything random is a function of ``(seed, epoch, stream, position)``: shard order, the shuffle buffer and
+  each sample's augmentation (the RNGs are re-seeded per sample). A resumed run, on the same or another world
+  size, skips the samples it already trained on *before decoding* and continues bit-identically.
+* Undecodable samples and unreadable tar members are skipped and counted (the batch is that much smaller);
+  the count travels with the batch to the trainer, which reports it.
+
+Evaluation is one unshuffled pass: val shards dealt ``rank::world``, then ``worker::workers``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,8 +41,28 @@ from pipeline.data.samples import Counter, decode_sample, seed_sample
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The per-worker streams
+@dataclass
+class Batch:
+    """What a loader hands the trainer: uint8 images, labels, and what was dropped on the way."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    skipped: int = 0  # undecodable samples dropped since the previous batch
+    error: str = ""  # the last reason
+    keys: list[str] = field(default_factory=list)
+    step: int = -1  # training: the optimizer step these samples belong to
+    counts: tuple[tuple[int, int], ...] = ()  # training part: (stream, samples) in the order they are stored
+
+    def pin_memory(self) -> Batch:  # the DataLoader's pin-memory thread calls this (CUDA only)
+        return Batch(
+            self.images.pin_memory(),
+            self.labels.pin_memory(),
+            self.skipped,
+            self.error,
+            self.keys,
+            self.step,
+            self.counts,
+        )
 
 
 @dataclass(frozen=True)
@@ -46,61 +70,111 @@ class StreamSpec:
     """Everything a loader worker needs; plain data so it pickles into worker processes."""
 
     shards: tuple[str, ...]
-    batch_size: int  # micro batch per rank
     seed: int
-    epoch: int
     rank: int
     world: int
     workers: int  # usable workers (0: in the main process)
     training: bool
+    batch_size: int = 0  # eval: samples per batch
+    streams: int = 1  # training: canonical streams (C)
+    chunk: int = 0  # training: samples each stream gives a global batch (batch_size / C)
+    epoch_steps: int = 0  # training: optimizer steps per epoch
+    start_step: int = 0  # training: the first step to serve (resume)
     shuffle_buffer: int = 1000
     resampled: bool = False
-    skip_batches: int = 0  # micro batches of this epoch already consumed on this rank (resume)
-    # Training: micro batches per epoch on this rank. The stream then runs on into the next epochs by itself,
-    # so one loader (and its workers) serves the whole run.
-    epoch_batches: int = 0
     # Each worker reuses this many shared image buffers in turn (0: a new one per batch). Only for a consumer
     # that is done with a batch when it asks for the next (the trainer is): a worker is at most
     # prefetch_factor batches ahead, so prefetch_factor + 3 buffers are never reused while still in use.
     recycle_buffers: int = 0
     require_labels: bool = True  # False: samples without .cls are served with label -1 (self-supervised)
 
+    def rank_streams(self) -> range:
+        per_rank = self.streams // self.world
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+
 
 class ShardStream(IterableDataset):
-    """Batches for one rank and one epoch. Training: endless (the trainer stops it); eval: one pass."""
+    """Training: one part per optimizer step (this worker's streams' samples), endless. Eval: one pass."""
 
     def __init__(self, spec: StreamSpec, transform: Callable[[Image.Image], torch.Tensor]):
         self.spec = spec
         self.transform = transform
 
-    # -- shard order -------------------------------------------------------------------------------
-    def _shard_urls(self, epoch: int, stream: int, streams: int) -> Iterator[str]:
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = _SavedRng(active=info is None)
+        if self.spec.training:
+            yield from self._train_parts(worker, workers, info is not None, rng)
+        else:
+            yield from self._eval_batches(worker, workers, info is not None, rng)
+
+    # -- training ----------------------------------------------------------------------------------
+    def _train_parts(self, worker: int, workers: int, shared: bool, rng: _SavedRng) -> Iterator[Batch]:
+        s = self.spec
+        mine = list(s.rank_streams())[worker::workers]
+        builder = BatchBuilder(len(mine) * s.chunk, shared=shared, recycle=s.recycle_buffers if shared else 0)
+        counter = Counter()
+        sources: dict[int, Iterator] = {}
+        epoch = None
+        for step in itertools.count(s.start_step):
+            if step // s.epoch_steps != epoch:  # a new epoch: a new deal for every stream
+                epoch = step // s.epoch_steps
+                skip = (step - epoch * s.epoch_steps) * s.chunk
+                sources = {stream: self._stream(epoch, stream, skip, counter) for stream in mine}
+            rng.save()  # runs when the trainer asks for the next part: its RNG state as of now
+            counts = []
+            for stream in mine:
+                before = len(builder)
+                for image, label, key in itertools.islice(sources[stream], s.chunk):
+                    if image is not None:
+                        builder.add(image, label, key)
+                counts.append((stream, len(builder) - before))
+            rng.restore()
+            images, labels, keys = builder.take()
+            yield Batch(images, labels, counter.skipped, counter.last_error, keys, step, tuple(counts))
+            counter.skipped = 0
+
+    def _stream(self, epoch: int, stream: int, skip: int, counter: Counter) -> Iterator:
+        """Canonical stream ``stream`` of ``epoch``, endless: (transformed image | None if undecodable, label,
+        key) per sample position, the first ``skip`` positions passed over without decoding."""
+        s = self.spec
+        read = [0]  # samples read so far: a pass over the stream's shards that yields none is an error, not a hang
+        urls = ({"url": url} for url in self._train_urls(epoch, stream, read, counter))
+        raw = self._shuffled(
+            _counted(tarfile_samples(urls, handler=counter), read), derive_seed(s.seed, epoch, stream, -2)
+        )
+        for index, sample in enumerate(raw):
+            if index >= skip:
+                yield self._decode(sample, derive_seed(s.seed, epoch, stream, index), counter)
+
+    def _train_urls(self, epoch: int, stream: int, read: list, counter: Counter) -> Iterator[str]:
         s = self.spec
         if s.resampled:  # with replacement, independently per stream: any shard count works
-            rng = random.Random(derive_seed(s.seed, epoch, s.rank, stream, -1))
+            rng = random.Random(derive_seed(s.seed, epoch, stream, -1))
             while True:
                 yield rng.choice(s.shards)
-        cycle = 0
-        while True:
-            mine = deal_shards(
-                list(s.shards), seed=s.seed, epoch=epoch, rank=s.rank, world=s.world, shuffle=s.training, cycle=cycle
-            )[stream::streams]
+        for cycle in itertools.count():
+            before = read[0]
+            mine = deal_shards(list(s.shards), seed=s.seed, epoch=epoch, rank=stream, world=s.streams, cycle=cycle)
             yield from mine
-            if not s.training:
-                return
-            cycle += 1
+            if cycle and read[0] == before:  # the previous pass read something, or this is the first pass
+                raise RuntimeError(
+                    f"training stream {stream}: none of its shards yields a readable sample "
+                    f"({', '.join(mine[:3])}{' ...' if len(mine) > 3 else ''}); the last error: "
+                    f"{counter.last_error}"
+                )
 
-    # -- samples -----------------------------------------------------------------------------------
-    def _shuffled(self, samples: Iterator[dict], epoch: int, stream: int) -> Iterator[dict]:
+    def _shuffled(self, samples: Iterator[dict], seed: int) -> Iterator[dict]:
         """Reservoir-style shuffle buffer with its own seeded RNG (training only)."""
-        s = self.spec
-        if not s.training or s.shuffle_buffer <= 1:
+        size = self.spec.shuffle_buffer
+        if size <= 1:
             yield from samples
             return
-        rng = random.Random(derive_seed(s.seed, epoch, s.rank, stream, -2))
+        rng = random.Random(seed)
         buffer: list[dict] = []
         for sample in samples:
-            if len(buffer) < s.shuffle_buffer:
+            if len(buffer) < size:
                 buffer.append(sample)
                 continue
             i = rng.randrange(len(buffer))
@@ -109,86 +183,54 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    # -- batches -----------------------------------------------------------------------------------
-    # Which batches a worker makes: batch p of epoch e comes from sample stream (e * epoch_batches + p) % W
-    # (W workers), each stream having its own share of the shards and its own randomness. The DataLoader
-    # hands out batches from its workers round-robin, so a loader that starts at batch s of epoch e gives
-    # its worker w stream (e * epoch_batches + s + w) % W for the rest of the run. What a batch holds thus
-    # depends only on its position, not on where the loader started: a resumed run sees exactly the batches,
-    # augmentation included, that the uninterrupted run would have.
+    def _decode(self, sample: dict, seed: int, counter: Counter):
+        """(transformed image, label, key), or (None, ...) for a sample that cannot be decoded (counted)."""
+        key = str(sample.get("__key__", ""))
+        try:
+            image, label = decode_sample(
+                sample, lazy=getattr(self.transform, "lazy_decode", False), require_label=self.spec.require_labels
+            )
+            # Per-sample seeding makes augmentation independent of what came before: exact resume.
+            seed_sample(seed)
+            return self.transform(image), label, key
+        except Exception as exc:  # malformed sample: count it, keep going
+            counter(exc)
+            return None, -1, key
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, str]]:
+    # -- evaluation --------------------------------------------------------------------------------
+    def _eval_batches(self, worker: int, workers: int, shared: bool, rng: _SavedRng) -> Iterator[Batch]:
+        """One pass over this worker's share of this rank's val shards, in full batches and a last partial one."""
         s = self.spec
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        state = _WorkerState(
-            BatchBuilder(
-                s.batch_size,
-                shared=info is not None,
-                recycle=s.recycle_buffers if s.training and info is not None else 0,
-            ),
-            Counter(),
-            _SavedRng(active=info is None),
+        builder, counter = BatchBuilder(s.batch_size, shared=shared), Counter()
+        urls = (
+            {"url": u}
+            for u in deal_shards(list(s.shards), seed=0, epoch=0, rank=s.rank, world=s.world, shuffle=False)[
+                worker::workers
+            ]
         )
-        if not s.training:  # one pass over this worker's share
-            yield from self._epoch_stream(s.epoch, worker, workers, 0, state)
-            state.rng.restore()
-            if len(state.batch):  # the last, partial eval batch
-                yield *state.batch.take(), state.counter.skipped, state.counter.last_error
-            elif state.counter.skipped:  # report drops even without a final batch
-                yield (
-                    torch.empty(0, 3, 1, 1),
-                    torch.empty(0, dtype=torch.long),
-                    state.counter.skipped,
-                    state.counter.last_error,
-                )
-            return
-        stream = (s.epoch * s.epoch_batches + s.skip_batches + worker) % workers
-        epoch, first = s.epoch, s.skip_batches
-        while True:
-            start = (stream - epoch * s.epoch_batches) % workers  # this stream's first position in the epoch
-            skip = len(range(start, first, workers))
-            count = len(range(start, s.epoch_batches, workers)) - skip
-            yield from itertools.islice(self._epoch_stream(epoch, stream, workers, skip, state), count)
-            epoch, first = epoch + 1, 0
-
-    def _epoch_stream(
-        self, epoch: int, stream: int, streams: int, skip_batches: int, state: _WorkerState
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, str]]:
-        """Full batches of one sample stream of one epoch (endless when training), the first ``skip_batches``
-        skipped before decoding."""
-        s = self.spec
-        counter, batch, rng = state.counter, state.batch, state.rng
-        urls = ({"url": url} for url in self._shard_urls(epoch, stream, streams))
-        raw = self._shuffled(iter(tarfile_samples(urls, handler=counter)), epoch, stream)
-        skip = skip_batches * s.batch_size
-        lazy = getattr(self.transform, "lazy_decode", False)
-        rng.save()  # runs when the trainer asks for the next batch: its RNG state as of now
-        for index, sample in enumerate(raw):
-            if index < skip:
-                continue
-            try:
-                image, label = decode_sample(sample, lazy=lazy, require_label=s.require_labels)
-                # Per-sample seeding makes augmentation independent of what came before: exact resume.
-                seed_sample(derive_seed(s.seed, epoch, s.rank, stream, index))
-                batch.add(self.transform(image), label)
-            except Exception as exc:  # malformed sample: count it, keep going
-                counter(exc)
-                continue
-            if len(batch) == s.batch_size:
+        rng.save()
+        for sample in tarfile_samples(urls, handler=counter):
+            image, label, key = self._decode(sample, derive_seed(s.seed, -1, len(builder)), counter)
+            if image is not None:
+                builder.add(image, label, key)
+            if len(builder) == s.batch_size:
                 rng.restore()
-                yield *batch.take(), counter.skipped, counter.last_error
+                images, labels, keys = builder.take()
+                yield Batch(images, labels, counter.skipped, counter.last_error, keys)
                 rng.save()
                 counter.skipped = 0
+        rng.restore()
+        if len(builder) or counter.skipped:  # the last, partial batch; or only a count of drops
+            images, labels, keys = (
+                builder.take() if len(builder) else (torch.empty(0, 3, 1, 1), torch.empty(0, dtype=torch.long), [])
+            )
+            yield Batch(images, labels, counter.skipped, counter.last_error, keys)
 
 
-@dataclass
-class _WorkerState:
-    """What a worker carries from one epoch's stream to the next."""
-
-    batch: BatchBuilder
-    counter: Counter
-    rng: _SavedRng
+def _counted(samples, read: list) -> Iterator[dict]:
+    for sample in samples:
+        read[0] += 1
+        yield sample
 
 
 class _SavedRng:
@@ -221,8 +263,13 @@ def make_loader(spec: StreamSpec, transform, *, prefetch_factor: int = 4, pin_me
         num_workers=spec.workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(spec.seed),
+        collate_fn=_keep,
         **kwargs,
     )
+
+
+def _keep(batch: Batch) -> Batch:
+    return batch
 
 
 def _quiet_stop_signals(_worker_id: int) -> None:

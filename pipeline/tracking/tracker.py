@@ -226,8 +226,9 @@ class Tracker:
         self._record({"t": "image", "path": str((folder / name).resolve()), "file": f"pictures/{name}"})
 
     def finish(self, status: str = "FINISHED") -> None:
-        """FINISHED, FAILED or KILLED (an interrupted run that will resume is left RUNNING). Only records
-        it, like every logging call: ``close`` then waits for the sender."""
+        """FINISHED, FAILED, or KILLED (stopped with a checkpoint: the trainer tags it run_state=stopped, and a
+        resumed attempt sets it RUNNING again). Only records it, like every logging call: ``close`` then waits
+        for the sender."""
         if self.enabled and not self._closed:
             self._record({"t": "status", "status": status, "ts": _now_ms()})
 

@@ -51,6 +51,12 @@ def init_distributed(config: Config) -> DistEnv:
     accelerator = get_accelerator()
     if accelerator.device_name() == "cuda":
         accelerator.set_device(env.local_rank)
+    # DeepSpeed makes its ZeRO groups with new_group() and no timeout, i.e. torch's default (30 min), not the one
+    # given here; measured: a stopped peer then hung the data-parallel all-reduce past comm_timeout_min. Setting
+    # the default first gives every group the configured timeout (the hang watchdog still covers what it misses).
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timedelta(minutes=config.deepspeed.comm_timeout_min)
     deepspeed.init_distributed(
         dist_backend=accelerator.communication_backend_name(),
         timeout=timedelta(minutes=config.deepspeed.comm_timeout_min),
@@ -67,8 +73,9 @@ def device() -> torch.device:
     )
 
 
-def deepspeed_config(config: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run; batch arithmetic checked against the actual world size."""
+def deepspeed_config(config: Config, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON for this run; batch arithmetic checked against the actual world size.
+    ``load_universal``: the run resumes from a universal checkpoint (another world size)."""
     check_batch(config, world_size)
     ds = config.deepspeed
     zero: dict = {"stage": ds.zero_stage}
@@ -87,6 +94,7 @@ def deepspeed_config(config: Config, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,  # a torch AdamW: no FusedAdam build, same code on CPU and GPU
         "steps_per_print": 10**9,  # the trainer reports progress itself
         "wall_clock_breakdown": False,
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
     }
 
 
@@ -94,13 +102,19 @@ def compute_dtype(config: Config) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.deepspeed.precision]
 
 
-def create_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config, world_size: int):
+def create_engine(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    world_size: int,
+    load_universal: bool = False,
+):
     """The DeepSpeed engine around the module and its (torch) optimizer. ``model.compile``: compiled in place after
     the EMA copy was taken, so the EMA stays an eager module and state-dict keys (checkpoints) are unchanged."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=deepspeed_config(config, world_size)
+        model=module, optimizer=optimizer, config=deepspeed_config(config, world_size, load_universal)
     )
     if config.model.compile:
         engine.compile()

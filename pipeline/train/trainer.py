@@ -34,6 +34,7 @@ from pipeline.tracking.tracker import Tracker, host_tags
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.ema import create_ema, ema_state, load_ema_state
 from pipeline.train.engine import DistEnv, compute_dtype, create_engine, device
+from pipeline.train.heartbeat import Heartbeat
 from pipeline.train.hooks import StageHooks
 from pipeline.train.objectives import StepContext, build_objective
 from pipeline.train.objectives.base import all_sum
@@ -60,6 +61,18 @@ class Window:
         self.wait_s, self.start = 0.0, time.perf_counter()
 
 
+class KeyLog:
+    """``data.record_keys``: which samples each step trained on, per rank (one JSON line per micro batch)."""
+
+    def __init__(self, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def append(self, step: int, micro: int, keys: list[str]) -> None:
+        self.file.write(json.dumps({"step": step, "micro": micro, "keys": keys}, separators=(",", ":")) + "\n")
+        self.file.flush()
+
+
 class Trainer:
     def __init__(self, config: Config, run: RunDir, env: DistEnv, hooks: Sequence[StageHooks] = ()):
         self.config, self.run, self.env, self.hooks = config, run, env, list(hooks)
@@ -69,6 +82,14 @@ class Trainer:
         self.dev, self.dtype = device(), compute_dtype(config)
         self.step = 0
         self.resume_tag = ckpt.latest_complete(run.checkpoints)
+        self.tracker: Optional[Tracker] = None
+        self.heartbeat = Heartbeat(
+            run.heartbeat(env.rank),
+            rank=env.rank,
+            node=env.node,
+            attempt=env.attempt,
+            interval_s=config.launch.heartbeat_s,
+        )
 
     # -- building ----------------------------------------------------------------------------------
     def build(self) -> None:
@@ -95,10 +116,12 @@ class Trainer:
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.total_steps = max(1, round(config.optim.epochs * self.steps_per_epoch))
         optimizer = make_optimizer(module, config, self.dev)
-        self.engine = create_engine(module, optimizer, config, env.world_size)
+        self.universal = self._prepare_elastic_resume()
+        self.engine = create_engine(module, optimizer, config, env.world_size, load_universal=self.universal)
         self.schedule = make_schedule(
             optimizer, config, self.total_steps, round(config.optim.warmup_epochs * self.steps_per_epoch)
         )
+        self.keys = KeyLog(self.run.keys(env.rank)) if config.data.record_keys else None
         self.data = RankData(
             config,
             self.plan,
@@ -110,11 +133,40 @@ class Trainer:
         )
         self.normalize = DeviceNormalize(config, self.dev)
 
+    def _prepare_elastic_resume(self) -> bool:
+        """Whether the checkpoint to resume was written by another number of ranks: then rank 0 converts it to a
+        universal checkpoint (once; the others wait), which the engine loads re-partitioned."""
+        if self.resume_tag is None:
+            return False
+        meta = ckpt.read_meta(self.run.checkpoints / self.resume_tag)
+        problem = ckpt.elastic_problem(meta, self.env.world_size, self.config.deepspeed.zero_stage)
+        if problem:
+            raise RuntimeError(f"run {self.run.name} cannot resume from {self.resume_tag}: {problem}")
+        if not ckpt.needs_universal(meta, self.env.world_size):
+            return False
+        done = self.run.checkpoints / ckpt.UNIVERSAL / self.resume_tag / ckpt.MARKER
+        if self.is_main and not done.exists():
+            log.info(
+                "checkpoint %s was written by %d ranks, this run has %d: converting it to a universal "
+                "checkpoint (DeepSpeed ds_to_universal)",
+                self.resume_tag,
+                meta["world_size"],
+                self.env.world_size,
+            )
+            start = time.perf_counter()
+            ckpt.to_universal(self.run.checkpoints, self.resume_tag)
+            log.info("converted in %.1f s", time.perf_counter() - start)
+        while not done.exists():  # rank 0 failing ends the job
+            time.sleep(0.5)
+        return True
+
     def resume(self) -> None:
         """Model, optimizer, RNG, data position, objective and EMA state from the latest complete checkpoint."""
         if self.resume_tag is None:
             return
-        state = ckpt.load(self.engine, self.run.checkpoints, self.resume_tag, rank=self.env.rank)
+        state = ckpt.load(
+            self.engine, self.run.checkpoints, self.resume_tag, rank=self.env.rank, universal=self.universal
+        )
         if state.get("steps_per_epoch") not in (None, self.steps_per_epoch):
             raise RuntimeError(
                 f"checkpoint {self.resume_tag} was made with {state['steps_per_epoch']} steps per "
@@ -153,6 +205,7 @@ class Trainer:
             }
         )
         self.tracker.log_metrics({"restarts": restarts}, self.step)
+        self._log_failures()
         log.info(
             "%s %s (%s): %s params, %d ranks on %s, %d steps (%d/epoch, global batch %d, micro %d), %s",
             config.run.stage,
@@ -168,17 +221,40 @@ class Trainer:
             f"resumed from {self.resume_tag}" if self.resume_tag else "fresh",
         )
 
+    def _log_failures(self) -> None:
+        """Each earlier failed attempt of this run and its cause (launch.max_failures retries), in MLflow."""
+        failures = self.run.read_failures()
+        tags = {
+            f"failure.{i + 1}": f"step {f.get('step')}: {f.get('cause', '?')}"[:500] for i, f in enumerate(failures)
+        }
+        self.tracker.set_tags({**tags, "failures": len(failures), "run_state": "running"})
+        if failures:
+            self.tracker.log_metrics({"failures": len(failures)}, self.step)
+
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> int:
-        """Returns 0 when the run is complete, EXIT_RESUMABLE when it stopped early with a checkpoint."""
+        """Returns 0 when the run is complete, EXIT_RESUMABLE when it stopped early with a checkpoint. A failure
+        is marked in MLflow (FAILED, tag run_state) before it propagates; a retry sets the run RUNNING again."""
+        self.heartbeat.start()
+        try:
+            return self._train()
+        except BaseException as exc:
+            self.heartbeat.fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            if self.tracker is not None:
+                self.tracker.set_tags({"run_state": "failed"})
+                self.tracker.finish("FAILED")
+                self.tracker.close(wait_s=min(self.config.tracking.final_wait_s, 10.0))
+            raise
+        finally:
+            self.heartbeat.stop()
+
+    def _train(self) -> int:
         self.build()
         self.resume()
         self.start_tracking()
         self.engine.train()
         window = Window(torch.zeros((), dtype=torch.float64, device=self.dev))
-        accum = self.config.optim.grad_accum_steps
-        skip = (self.step % self.steps_per_epoch) * accum
-        batches = iter(self.data.train_batches(self.step // self.steps_per_epoch, skip_batches=skip))
+        batches = iter(self.data.train_batches(start_step=self.step))
         stopped = None
         while self.step < self.total_steps:
             self.train_step(batches, window)
@@ -196,12 +272,14 @@ class Trainer:
         self.schedule.step_update(self.step)
         for micro in range(accum):
             wait_start = time.perf_counter()
-            images, labels, dropped, error = next(batches)
+            batch = next(batches)
             window.wait_s += time.perf_counter() - wait_start
-            window.skipped += dropped
-            window.last_error = error or window.last_error
-            images = self.normalize(images.to(self.dev, non_blocking=True), training=True)
-            labels = labels.to(self.dev, non_blocking=True)
+            window.skipped += batch.skipped
+            window.last_error = batch.error or window.last_error
+            if self.keys is not None:
+                self.keys.append(self.step, micro, batch.keys)
+            images = self.normalize(batch.images.to(self.dev, non_blocking=True), training=True)
+            labels = batch.labels.to(self.dev, non_blocking=True)
             ctx = StepContext(self.step, micro, self.env.rank, self.config.run.seed, self.dtype, self.dev)
             loss = self.objective.loss(self.engine, images, labels, ctx)
             self.engine.backward(loss)
@@ -209,6 +287,7 @@ class Trainer:
             window.loss += loss.detach() / accum
         self.step += 1
         window.steps += 1
+        self.heartbeat.progress(self.step)
         if self.ema is not None:
             self.ema.update(self.engine.module, step=self.step)
 
@@ -283,13 +362,13 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if not flag.item():
                 break
-            if batch is None or batch[0].numel() == 0:  # nothing left here, or only a count of skipped samples
-                skipped += batch[2] if batch is not None else 0
+            if batch is None or batch.images.numel() == 0:  # nothing left here, or only a count of skipped samples
+                skipped += batch.skipped if batch is not None else 0
                 evaluation.dummy()
                 continue
-            images, labels, dropped, _ = batch
-            skipped += dropped
-            evaluation.add(self.normalize(images.to(self.dev), training=False), labels.to(self.dev))
+            skipped += batch.skipped
+            self.heartbeat.progress(self.step, "evaluating")
+            evaluation.add(self.normalize(batch.images.to(self.dev), training=False), batch.labels.to(self.dev))
         del batches, loader
         module.train()
         result = evaluation.result()
@@ -320,6 +399,7 @@ class Trainer:
         }
         if self.ema is not None:
             state["ema"] = ema_state(self.ema)
+        self.heartbeat.progress(self.step, "saving")
         result = ckpt.save(
             self.engine,
             self.run.checkpoints,
@@ -327,7 +407,10 @@ class Trainer:
             state,
             rank=self.env.rank,
             keep_last=self.config.checkpoint.keep_last,
+            world_size=self.env.world_size,
+            zero_stage=self.config.deepspeed.zero_stage,
         )
+        self.heartbeat.progress(self.step)
         if self.is_main:
             self.progress.write(
                 f"checkpoint {result.tag} saved ({reason}) in {result.seconds:.1f}s, {result.bytes / 2**20:.1f} MiB"
@@ -344,8 +427,11 @@ class Trainer:
             )
 
     def stop_early(self, reason: str) -> int:
+        """A checkpoint, then exit 3: the run is resumable, and MLflow says so (KILLED, tag run_state=stopped)."""
         self.save(f"stop: {reason}")
         self.progress.close()
+        self.tracker.set_tags({"run_state": "stopped", "stopped_reason": reason})
+        self.tracker.finish("KILLED")
         if self.is_main:
             log.info(
                 "stopped at step %d/%d (%s); the run resumes from here when started again",
@@ -381,6 +467,7 @@ class Trainer:
             }
             atomic_write(self.run.summary, json.dumps(summary, indent=2))
             self.tracker.log_artifact(self.run.summary)
+            self.tracker.set_tags({"run_state": "finished"})
             self.tracker.finish("FINISHED")
             log.info("done: step %d, %s", self.step, ", ".join(f"{k} {v:.2f}" for k, v in final.items()))
         dist.barrier()

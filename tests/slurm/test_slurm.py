@@ -308,6 +308,22 @@ class Run:
     def summary(self) -> dict:
         return json.loads((self.dir / "summary.json").read_text())
 
+    def rank_at_step(self, rank: int, step: int) -> dict:
+        """Rank ``rank``'s heartbeat once it has done ``step`` steps of this attempt (its pid, node, step)."""
+
+        def beat():
+            try:
+                record = json.loads((self.dir / f"heartbeat/rank{rank:05d}.json").read_text())
+            except (OSError, ValueError):
+                return None
+            return record if record["step"] >= step and record["phase"] == "training" else None
+
+        found = wait_until(
+            lambda: beat() or (self.cli.proc.poll() is not None and "ended"), f"rank {rank} at step {step}"
+        )
+        assert found != "ended", self.cli.output()[-4000:]
+        return found
+
     def losses(self) -> dict[int, float]:
         return dict(map(tuple, self.summary()["loss_history"]))
 
@@ -347,6 +363,17 @@ def jobs(slurm_cluster, digits_shards, tmp_path_factory):
     for name in ("reference", "timeout", "preempted", "failing"):  # queued behind these: starts when one ends
         started[name].job_id()
     started["cancelled"] = Run(tmp, digits_shards, "cancelled", env=hang_env())
+    started["killed"] = Run(
+        tmp, digits_shards, "killed", "launch.max_failures=1", "launch.heartbeat_s=1", "checkpoint.every_steps=2"
+    )
+    started["stalled"] = Run(
+        tmp,
+        digits_shards,
+        "stalled",
+        "launch.hang_timeout_s=20",
+        "launch.heartbeat_s=1",
+        f"optim.epochs={200 * 32 / 1497}",
+    )
     yield started
     for value in started.values():  # a test that failed half-way leaves no job behind
         if isinstance(value, Run) and value.cli.proc.poll() is None:
@@ -407,6 +434,80 @@ def _history(run: Run, mlflow_run) -> list:
 
 
 @pytest.mark.slurm
+def test_a_job_sbatch_refuses_is_one_error_line(slurm_cluster, tmp_path, digits_shards):
+    result = run_cli(
+        "pretrain",
+        "launch.cluster=slurm",
+        f"launch.slurm_profile={PROFILE}",
+        "launch.slurm.cpus_per_task=1",
+        *shard_overrides(digits_shards),
+        "launch.slurm.partition=nosuchpartition",
+        f"run.root={tmp_path}",
+        "run.name=x",
+        cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "nosuchpartition" in line or "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: launch.slurm.partition=nosuchpartition")
+    assert "its partitions: debug" in errors[0] and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slurm
+def test_a_job_that_can_never_start_is_refused_before_it_is_submitted(slurm_cluster, tmp_path, digits_shards):
+    """The default profile-less request used to pend forever (8 CPUs per task on 4-CPU nodes): the request is now
+    compared with what the partition offers, and the mismatch named, exit 2; without a setting, cpus_per_task
+    fits the nodes."""
+    base = [
+        "pretrain",
+        "launch.cluster=slurm",
+        "launch.nodes=2",
+        *shard_overrides(digits_shards),
+        f"run.root={tmp_path}",
+    ]
+    too_big = run_cli(*base, "launch.slurm.cpus_per_task=8", "run.name=big", cwd=ROOT)
+    assert too_big.returncode == 2, too_big.stderr[-3000:]
+    last = too_big.stderr.strip().splitlines()[-1]
+    assert (
+        "the job can never start" in last
+        and "launch.slurm.cpus_per_task=8" in last
+        and "largest node has 4 CPUs" in last
+    )
+    fitted = run_cli(*base, "--print-config", "run.name=fit", cwd=ROOT)
+    assert fitted.returncode == 0 and "cpus_per_task: 4" in fitted.stdout, fitted.stderr[-3000:]
+    long = run_cli(*base, "launch.nodes=3", "run.name=three", cwd=ROOT)
+    assert long.returncode == 2 and "has 2 such node(s)" in long.stderr
+
+
+@pytest.mark.slurm
+def test_a_job_waiting_for_a_down_node_is_reported_not_left_pending(slurm_cluster, tmp_path, digits_shards):
+    """node2 down: a 2-node job pends with ReqNodeNotAvail; the submit command says so and exits non-zero instead
+    of printing "submitted" and leaving it. (Runs before the module's jobs start, while the cluster is idle.)"""
+    subprocess.run(["scontrol", "update", "NodeName=node2", "State=DOWN", "Reason=vitpipe-test"], check=True)
+    try:
+        result = run_cli(
+            "pretrain",
+            "launch.cluster=slurm",
+            f"launch.slurm_profile={PROFILE}",
+            "launch.nodes=2",
+            "launch.slurm.cpus_per_task=1",
+            *shard_overrides(digits_shards),
+            f"run.root={tmp_path}",
+            "run.name=down",
+            cwd=ROOT,
+        )
+    finally:
+        subprocess.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], check=True)
+    out = result.stderr
+    if "the job can never start" in out:  # sinfo already showed node2 down: refused before submitting, also right
+        assert result.returncode == 2 and "1 such node(s)" in out, out[-3000:]
+        return
+    assert result.returncode == 1, out[-3000:]
+    assert "cannot start: pending, Reason=ReqNodeNotAvail" in out and "scancel" in out
+    job_id = json.loads((tmp_path / "down/slurm/status.json").read_text())["job_id"]
+    subprocess.run(["scancel", job_id], check=False)
+
+
+@pytest.mark.slurm
 def test_two_node_run_completes_on_both_nodes(jobs):
     """The pretraining job of `pipeline`: rank 0's progress streams to the submitter, both nodes train,
     one MLflow run."""
@@ -462,29 +563,11 @@ def test_a_failing_rank_fails_the_job_with_its_traceback(jobs):
     code, output = run.cli.finish()
     assert code == 1, output[-4000:]
     assert f"submitted Slurm job {run.status['job_id']}" in output  # launch.cluster=auto found sbatch
-    assert "rank 1 failed first" in output
-    assert "Traceback" in output and "VITPIPE_FAULT: injected failure on rank 1 at step 3" in output
+    # the cause first (the job's teardown named it), then that rank's traceback
+    assert "failed (FAILED): rank 1 on node2 at step" in output and "Traceback of rank 1:" in output, output[-3000:]
+    assert "VITPIPE_FAULT: injected failure on rank 1 at step 3" in output
     assert run.status["state"] == "FAILED" and run.status["failed_rank"] == 1
     assert "once fixed, start it again (it has no checkpoint yet): make pretrain" in output
-
-
-@pytest.mark.slurm
-def test_a_job_sbatch_refuses_is_one_error_line(slurm_cluster, tmp_path, digits_shards):
-    result = run_cli(
-        "pretrain",
-        "launch.cluster=slurm",
-        f"launch.slurm_profile={PROFILE}",
-        "launch.slurm.cpus_per_task=1",
-        *shard_overrides(digits_shards),
-        "launch.slurm.partition=nosuchpartition",
-        f"run.root={tmp_path}",
-        "run.name=x",
-        cwd=ROOT,
-    )
-    assert result.returncode == 2, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if "nosuchpartition" in line or "error" in line]
-    assert len(errors) == 1 and errors[0].startswith("error: sbatch refused the job") and "partition" in errors[0]
-    assert "launch.slurm" in errors[0]
 
 
 @pytest.mark.slurm
@@ -560,3 +643,41 @@ def test_scancel_leaves_a_resumable_run_that_says_how_to_resume(jobs):
     )
     assert run.status["state"] == "COMPLETED", run.status
     assert_resumed_exactly(run, jobs["reference"], restarts=1)
+
+
+@pytest.mark.slurm
+def test_a_killed_rank_of_a_two_node_job_is_named_and_the_job_retried(jobs):
+    """SIGKILL of rank 1 on node2 (what the OOM killer does): the batch script's teardown names rank 1, node2 and the
+    signal (not rank 0's lost-peer error), records it and requeues the job (launch.max_failures=1); the next
+    attempt resumes from the latest checkpoint and finishes the run, in the same MLflow run."""
+    run = jobs["killed"]
+    beat = run.rank_at_step(1, 3)
+    os.kill(beat["pid"], 9)
+    code, output = run.cli.finish()
+    assert code == 0, output[-4000:]
+    log = run.rank0_log()
+    assert f"vitpipe: rank 1 on {beat['node']} failed at step" in log and "killed by SIGKILL" in log, log[-3000:]
+    assert "requeueing job" in log
+    failures = [json.loads(line) for line in (run.dir / "failures.jsonl").read_text().splitlines()]
+    assert len(failures) == 1 and failures[0]["rank"] == 1 and failures[0]["node"] == beat["node"]
+    assert run.status["state"] == "COMPLETED" and run.status["attempt"] == 1
+    assert run.summary()["step"] == TOTAL_STEPS
+    (mlflow_run,) = run.mlflow_runs()
+    assert mlflow_run.info.status == "FINISHED" and "SIGKILL" in mlflow_run.data.tags["failure.1"]
+
+
+@pytest.mark.slurm
+def test_a_stalled_rank_of_a_two_node_job_is_found_by_the_watchdog(jobs):
+    """SIGSTOP of rank 1: no collective timeout fires, but the tasks' hang watchdog ends the job after
+    launch.hang_timeout_s, and the failure names rank 1 on its node as not answering."""
+    run = jobs["stalled"]
+    beat = run.rank_at_step(1, 3)
+    os.kill(beat["pid"], 19)  # SIGSTOP
+    try:
+        code, output = run.cli.finish()
+    finally:
+        subprocess.run(["kill", "-CONT", str(beat["pid"])], capture_output=True)
+    assert code == 1, output[-4000:]
+    assert f"rank 1 on {beat['node']}" in output and "hang: rank 1" in output and "not answering" in output
+    assert run.status["state"] == "FAILED" and run.status["failed_rank"] == 1
+    assert "hang watchdog" in run.rank0_log()

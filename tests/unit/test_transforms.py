@@ -126,6 +126,6 @@ def test_batch_builder_writes_images_as_chw_uint8_and_hands_over_partial_batches
     builder = BatchBuilder(4, shared=False)
     for value in range(3):
         builder.add(Image.fromarray(np.full((5, 6, 3), value, dtype=np.uint8)), value)
-    images, labels = builder.take()
+    images, labels, _keys = builder.take()
     assert images.shape == (3, 3, 5, 6) and images.dtype == torch.uint8
     assert images[2].eq(2).all() and labels.tolist() == [0, 1, 2] and len(builder) == 0
