@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch.utils.data import DataLoader
 
-from pipeline.data.plan import DataPlan, deal_shards, usable_workers
+from pipeline.data.plan import DataPlan, deal_shards, read_policy, usable_workers
 from pipeline.data.stream import StreamSpec, make_loader
 from pipeline.data.transforms import build_transforms
 
@@ -30,6 +30,7 @@ class RankData:
         self.train_transform = build_transforms(config, img_size, training=True)
         self.eval_transform = build_transforms(config, img_size, training=False)
         self.pin_memory = pin_memory
+        self.num_classes = config.model.num_classes or plan.num_classes or 0  # labels at or above are refused
 
     def train_batches(self, epoch: int, skip_batches: int = 0) -> DataLoader:
         """Training batches from micro batch ``skip_batches`` of ``epoch`` on, running on through the later
@@ -56,6 +57,9 @@ class RankData:
             epoch_batches,
             recycle_buffers=d.prefetch_factor + 3,
             require_labels=self.require_labels,
+            num_classes=self.num_classes,
+            read=read_policy(d),
+            shard_counts=self.plan.train_counts,
         )
         return make_loader(spec, self.train_transform, prefetch_factor=d.prefetch_factor, pin_memory=self.pin_memory)
 
@@ -75,5 +79,8 @@ class RankData:
             min(d.num_workers, len(mine)),
             False,
             require_labels=self.require_labels,
+            num_classes=self.num_classes,
+            read=read_policy(d),
+            shard_counts=self.plan.val_counts,
         )
         return make_loader(spec, self.eval_transform, prefetch_factor=d.prefetch_factor, pin_memory=self.pin_memory)

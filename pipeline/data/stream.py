@@ -12,7 +12,9 @@ How an epoch is laid out, and why:
   buffer and each sample's augmentation (the RNGs are re-seeded per sample). A resumed run rebuilds the
   epoch and skips the batches it already trained on *before decoding*, so it continues bit-identically.
 * Undecodable samples and unreadable tar members are skipped and counted; the count travels with each
-  batch to the trainer, which reports it.
+  batch to the trainer, which reports it. A remote shard whose stream fails is retried, continuing after its
+  last delivered sample (pipeline/data/reader.py); one that keeps failing counts its undelivered samples as
+  skipped. A label outside the run's classes stops the run (LabelError), naming shard and sample.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
 
 from pipeline.data.batch import BatchBuilder
 from pipeline.data.plan import deal_shards, derive_seed
-from pipeline.data.samples import Counter, decode_sample, seed_sample
+from pipeline.data.reader import ReadPolicy, shard_samples
+from pipeline.data.samples import Counter, LabelError, decode_sample, seed_sample
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ class StreamSpec:
     # prefetch_factor batches ahead, so prefetch_factor + 3 buffers are never reused while still in use.
     recycle_buffers: int = 0
     require_labels: bool = True  # False: samples without .cls are served with label -1 (self-supervised)
+    num_classes: int = 0  # labels must be below this (0: unchecked)
+    read: ReadPolicy = ReadPolicy()  # retries and timeouts of remote shards
+    shard_counts: tuple[int, ...] = ()  # samples per shard (manifest or index), sizes what a lost shard costs
 
 
 class ShardStream(IterableDataset):
@@ -159,8 +164,9 @@ class ShardStream(IterableDataset):
         skipped before decoding."""
         s = self.spec
         counter, batch, rng = state.counter, state.batch, state.rng
-        urls = ({"url": url} for url in self._shard_urls(epoch, stream, streams))
-        raw = self._shuffled(iter(tarfile_samples(urls, handler=counter)), epoch, stream)
+        expected = dict(zip(s.shards, s.shard_counts)) if s.shard_counts else None
+        samples = shard_samples(self._shard_urls(epoch, stream, streams), counter.lost, s.read, expected)
+        raw = self._shuffled(samples, epoch, stream)
         skip = skip_batches * s.batch_size
         lazy = getattr(self.transform, "lazy_decode", False)
         rng.save()  # runs when the trainer asks for the next batch: its RNG state as of now
@@ -168,12 +174,14 @@ class ShardStream(IterableDataset):
             if index < skip:
                 continue
             try:
-                image, label = decode_sample(sample, lazy=lazy, require_label=s.require_labels)
+                image, label = decode_sample(sample, lazy, s.require_labels, s.num_classes)
                 # Per-sample seeding makes augmentation independent of what came before: exact resume.
                 seed_sample(derive_seed(s.seed, epoch, s.rank, stream, index))
                 batch.add(self.transform(image), label)
+            except LabelError:
+                raise
             except Exception as exc:  # malformed sample: count it, keep going
-                counter(exc)
+                counter.sample(sample, exc)
                 continue
             if len(batch) == s.batch_size:
                 rng.restore()
