@@ -138,6 +138,8 @@ class Trainer:
         if self.resume_tag is None:
             self.tracker.log_params(flatten(to_dict(config)))
             self.tracker.log_artifact(self.run.config)
+            atomic_write(self.run.datasets, json.dumps(self.plan.datasets, indent=2))  # a fine-tune reads it
+            self.tracker.log_datasets(self.plan.datasets)
             for hook in self.hooks:
                 hook.on_tracking_started(self)
         restarts = self.run.bump_restarts() if self.resume_tag else 0
