@@ -35,11 +35,23 @@ def dataset_name(pattern: str) -> str:
     return name + (" (+more)" if "::" in pattern else "")
 
 
+def shard_file_name(url: str) -> str:
+    """A shard's file name wherever it is served from: ``train-0003.tar`` for a path, a URL or ``pipe:aws s3 cp
+    s3://b/train-0003.tar -`` (so the digest does not change with the host, port or mount point)."""
+    if url.startswith("pipe:"):
+        words = [w for w in url[len("pipe:") :].split() if ".tar" in w]
+        return os.path.basename(words[-1]) if words else url
+    if is_remote(url):
+        return os.path.basename(url.split("?", 1)[0].split("#", 1)[0])
+    return os.path.basename(local_path(url))
+
+
 def digest(shards: list[str], counts: Optional[list[int]], entries: dict[str, dict], classes) -> str:
-    """16 hex digits over (file name, samples, bytes) per shard and the classes."""
+    """16 hex digits over (file name, samples, bytes) per shard and the classes: the same shards give the same
+    digest from a local folder, an HTTP server or a bucket."""
     rows = []
     for i, url in enumerate(shards):
-        name = url if is_remote(url) else os.path.basename(local_path(url))
+        name = shard_file_name(url)
         entry = entries.get(url) or {}
         rows.append([name, counts[i] if counts else None, entry.get("size")])
     blob = json.dumps({"shards": rows, "classes": classes}, separators=(",", ":"), sort_keys=True)

@@ -258,26 +258,35 @@ def index_note(result: IndexResult, num_classes: Optional[int]) -> str:
     """One line for the user, e.g. 'indexed 8 shards (1,497 samples, 10 classes) in 0.4 s; cached in ...'."""
     entries = result.entries
     new = result.scanned + result.counted
-    head = f"indexed {new} shard(s)" if new else f"shard index: {len(entries)} shard(s)"
     samples = sum(e.get("samples", 0) for e in entries.values())
-    classes = f", {num_classes} classes" if num_classes else ""
-    line = f"{head} ({samples:,} samples{classes})"
-    if new:
-        took = f"{result.seconds:.2f}" if result.seconds < 1 else f"{result.seconds:.1f}"
-        line += f" in {took} s" + (f" ({result.counted} from img2dataset/wids counts)" if result.counted else "")
+    what = f"{samples:,} samples" + (f", {num_classes} classes" if num_classes else "")
     where = ", ".join(_short(p) for p in dict.fromkeys(result.cache_files))
-    line += (f"; cached in {where}" if new else f" from {where}") if where else "; not cached"
+    if not new:
+        line = f"shard index: {len(entries)} shard(s) ({what}) from {where or 'the cache'}"
+    else:
+        took = f"{result.seconds:.2f}" if result.seconds < 1 else f"{result.seconds:.1f}"
+        how = f"; {result.counted} counted from img2dataset/wids files" if result.counted else ""
+        if len(entries) > new:
+            line = f"indexed {new} shard(s) in {took} s, {len(entries) - new} more from the cache ({what} in all)"
+        else:
+            line = f"indexed {new} shard(s) ({what}) in {took} s"
+        line += how + (f"; cached in {where}" if where else "; not cached")
+    return line + _index_problems(entries)
+
+
+def _index_problems(entries: dict[str, dict]) -> str:
+    text = ""
     broken = [(u, e["error"]) for u, e in entries.items() if e.get("error")]
     if broken:
         first, why = broken[0]
-        line += f"; {len(broken)} shard(s) cut short, read up to the break ({_short(first)}: {why})"
+        text += f"; {len(broken)} shard(s) cut short, read up to the break ({_short(first)}: {why})"
     no_image = sum(e.get("no_image", 0) for e in entries.values())
     unlabeled = sum(e["samples"] - e.get("labeled", 0) for e in entries.values() if e.get("source") == "tar")
     if no_image:
-        line += f"; {no_image:,} sample(s) without an image (skipped)"
+        text += f"; {no_image:,} sample(s) without an image (skipped)"
     if unlabeled:
-        line += f"; {unlabeled:,} without .cls (skipped in training)"
-    return line
+        text += f"; {unlabeled:,} without .cls (skipped in training)"
+    return text
 
 
 def _short(path: str) -> str:

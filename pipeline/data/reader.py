@@ -59,7 +59,7 @@ def _one_shard(url: str, on_lost, policy: ReadPolicy, expected: Optional[int]) -
                         skip -= 1
                         continue
                     delivered += 1
-                    resume_at = next_start if next_start > 0 and url.endswith(".tar") else 0
+                    resume_at = next_start if next_start > 0 and _uncompressed(url) else 0
                     yield sample
             return
         except Exception as exc:  # noqa: BLE001 (any failure of this shard's stream: retry, then give up)
@@ -79,3 +79,8 @@ def _one_shard(url: str, on_lost, policy: ReadPolicy, expected: Optional[int]) -
     lost = max(1, expected - delivered) if expected is not None else 1
     tries = f" after {attempts} attempts" if attempts > 1 else ""
     on_lost(url, f"shard {local_path(url)} given up{tries} at sample {delivered}: {why}", lost)
+
+
+def _uncompressed(url: str) -> bool:
+    """Byte offsets of samples are offsets in the file only for a plain .tar (a signed URL's query aside)."""
+    return url.split("?", 1)[0].endswith(".tar")

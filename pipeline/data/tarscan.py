@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ def _header(block: bytes, offset: int) -> tuple[str, int, bytes]:
         stored = _number(block[148:156])
     except ValueError:
         stored = -1
-    unsigned = 256 + sum(block[:148]) + sum(block[156:])
+    unsigned = 256 + sum(block) - sum(block[148:156])  # the checksum field counts as 8 spaces
     if stored != unsigned and stored != unsigned - 2 * sum(b for b in block[:148] + block[156:] if b > 127):
         raise TarFormatError(f"not a tar header at byte {offset} (bad checksum)")
     name = block[:100].split(b"\0", 1)[0]
@@ -104,18 +105,27 @@ def _header(block: bytes, offset: int) -> tuple[str, int, bytes]:
 
 
 class _Blocks:
-    """Reads a tar from a file or stream; skips data with a seek when it can, else reads it away."""
+    """Reads a tar from a local file (``size`` given: positioned reads, ``os.pread``, so skipped data is never read,
+    one system call per header) or from a stream (skipped data is read away)."""
 
     def __init__(self, fileobj: BinaryIO, size: Optional[int] = None, base: int = 0):
         self.f, self.size, self.pos = fileobj, size, base
-        self.seekable = size is not None
-        head = fileobj.read(2)
+        self.fd = _fileno(fileobj) if size is not None else None
+        self._pending = b""
+        head = os.pread(self.fd, 2, base) if self.fd is not None else fileobj.read(2)
         if head == _GZIP_MAGIC:  # a .tar.gz: offsets are then in the decompressed stream
+            if self.fd is not None:
+                fileobj.seek(base + 2)
             self.f = gzip.GzipFile(fileobj=_Prefixed(head, fileobj))
-            self.seekable, self.size, head = False, None, b""
-        self._pending = head
+            self.fd, self.size = None, None
+        elif self.fd is None:
+            self._pending = head
 
     def read(self, n: int) -> bytes:
+        if self.fd is not None:
+            out = os.pread(self.fd, n, self.pos)
+            self.pos += len(out)
+            return out
         out = self._pending[:n]
         self._pending = self._pending[n:]
         while len(out) < n:
@@ -128,12 +138,8 @@ class _Blocks:
 
     def skip(self, n: int) -> bool:
         """Move n bytes on; False when the archive ends first."""
-        if self.seekable and n > len(self._pending):
-            n -= len(self._pending)
-            self.pos += len(self._pending)
-            self._pending = b""
+        if self.fd is not None:
             self.pos += n
-            self.f.seek(n, io.SEEK_CUR)
             return self.pos <= self.size
         while n > 0:
             got = len(self.read(min(n, 1 << 20)))
@@ -141,6 +147,13 @@ class _Blocks:
                 return False
             n -= got
         return True
+
+
+def _fileno(fileobj) -> Optional[int]:
+    try:
+        return fileobj.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
 
 
 class _Prefixed(io.RawIOBase):
@@ -227,15 +240,17 @@ class _Grouper:
 
     def __init__(self, url: str = ""):
         self.url, self.current, self.ready = url, None, []
+        self._name, self._parts = None, None
 
     def on_header(self, name: str, start: int) -> None:
-        parts = split_key(name)
+        self._name, self._parts = name, split_key(name)
+        parts = self._parts
         if parts is not None and self.current is not None and parts[0] != self.current["__key__"]:
             self.ready.append((self.current, start))
             self.current = None
 
     def add(self, name: str, data: Optional[bytes]) -> None:
-        parts = split_key(name)
+        parts = self._parts if name == self._name else split_key(name)
         if parts is None:
             return
         if self.current is None:

@@ -262,7 +262,7 @@ def test_img2dataset_stats_and_wids_indexes_count_without_reading_the_tars(tmp_p
     with opened_under(tmp_path) as opened:
         plan = plan_data(config, 1)
     assert plan.train_samples == 24 and not [p for p in opened if p.endswith(".tar")]
-    assert "(4 from img2dataset/wids counts)" in plan.notes[0]
+    assert "; 4 counted from img2dataset/wids files;" in plan.notes[0]
     unlabeled = config_for(f"{tmp_path}/part-{{0000..0003}}.tar")  # num_classes unknown: the .cls must be read
     walked = plan_data(unlabeled, 1)
     assert walked.num_classes == 10 and walked.notes[0].startswith("indexed 4 shard(s) (24 samples, 10 classes) in")

@@ -35,6 +35,15 @@ def test_the_digest_follows_the_data_not_where_it_is_mounted(tmp_path):
     assert train_record(tmp_path / "b")["digest"] != first["digest"]
 
 
+def test_a_shard_is_named_by_its_file_wherever_it_is_served_from():
+    from pipeline.data.lineage import shard_file_name
+
+    assert shard_file_name("data/x/train-0003.tar") == "train-0003.tar"
+    assert shard_file_name("https://host:8080/b/train-0003.tar?sig=1") == "train-0003.tar"
+    assert shard_file_name("pipe:aws s3 cp s3://bucket/x/train-0003.tar -") == "train-0003.tar"
+    assert shard_file_name("pipe:gsutil cat gs://bucket/x/train-0003.tar") == "train-0003.tar"
+
+
 def test_datasets_are_journaled_and_become_mlflow_dataset_inputs(tmp_path):
     from pipeline.finetune.lineage import log_lineage
     from pipeline.tracking.delivery import dataset_inputs
