@@ -34,6 +34,8 @@ RESUMABLE_DIFFERENCES = (
     "launch.cluster",
     "checkpoint.keep_last",
     "launch.slurm",  # partition, time limit, profile...: where it runs, not what
+    "data.shard_retries",  # how hard remote shards are tried (a flaky store may need more on the next attempt)
+    "data.read_timeout_s",
     "tracking.",
 )  # tracking never changes what is computed (parent run, server, intervals...)
 

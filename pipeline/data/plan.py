@@ -188,7 +188,9 @@ def describe_shards(config, train: list[str], val: list[str], build_index: bool 
         )  # fmt: skip
     except ShardIndexError as exc:
         key = "data.val_shards" if exc.url in val else "data.train_shards"
-        raise DataError(f"{key}: {exc}; or set data.train_samples and model.num_classes to skip indexing") from None
+        raise DataError(
+            f"{key}: {exc}; fix the path, URL or command, or set data.train_samples and model.num_classes to skip indexing"
+        ) from None
     _use_index(facts, result, train, val)
     where = f"model.num_classes={config.model.num_classes}" if config.model.num_classes else classes_from
     _check_labels({"data.train_shards": train, "data.val_shards": val}, result.entries, facts.num_classes, where)

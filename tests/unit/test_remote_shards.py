@@ -127,3 +127,11 @@ def test_retry_and_timeout_settings_are_checked():
         load_config(None, ["data.shard_retries=-1"])
     with pytest.raises(ConfigError, match=r"data\.read_timeout_s=0.0 must be > 0"):
         load_config(None, ["data.read_timeout_s=0"])
+
+
+def test_retries_and_timeouts_may_change_when_a_run_is_resumed():
+    from pipeline.rundir import config_differences
+
+    saved = load_config(None, [])
+    assert config_differences(saved, load_config(None, ["data.shard_retries=5", "data.read_timeout_s=120"])) == []
+    assert config_differences(saved, load_config(None, ["data.batch_size=64"])) == ["data.batch_size"]
