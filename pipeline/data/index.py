@@ -295,10 +295,10 @@ def index_shards(
 
 
 def _save(entries: dict[str, dict], runs_root: str) -> list[str]:
-    by_group: dict[str, dict[str, dict]] = {}
+    by_group: dict[tuple[str, bool], dict[str, dict]] = {}
     for url, entry in entries.items():
         if is_remote(url) and entry.get("error"):
             continue  # a remote shard that failed part-way may be fine next time
-        by_group.setdefault(_group(url), {})[_entry_name(url)] = entry
-    written = [_write_cache(g, e, runs_root, is_remote(next(iter(e)))) for g, e in by_group.items()]
+        by_group.setdefault((_group(url), is_remote(url)), {})[_entry_name(url)] = entry
+    written = [_write_cache(group, e, runs_root, remote) for (group, remote), e in by_group.items()]
     return [str(p) for p in written if p is not None]

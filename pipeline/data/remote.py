@@ -105,13 +105,14 @@ class _PipeBody(io.RawIOBase):
             command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr, start_new_session=True
         )
         self.fd = self.proc.stdout.fileno()
+        self.poll = select.poll()  # not select.select: that fails for descriptors above 1023
+        self.poll.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        ready, _, _ = select.select([self.fd], [], [], self.timeout_s)
-        if not ready:
+        if not self.poll.poll(self.timeout_s * 1000):
             raise ShardStreamError(f"no data for {self.timeout_s:g} s from pipe:{self.command}")
         data = os.read(self.fd, len(buffer))
         if not data and len(buffer):

@@ -96,6 +96,13 @@ def test_pipe_shards_and_a_command_that_fails_half_way(shards):
     assert len(keys) == 20 + len(from_failing)
 
 
+def test_a_silent_command_times_out_and_is_ended(shards):
+    silent = f"pipe:head -c 30000 {shlex.quote(shards.shards[0])}; exec sleep 60"
+    keys, counter = read_all([silent], ReadPolicy(retries=1, timeout_s=0.3, backoff_s=0.01))
+    assert 0 < len(keys) < 10 and len(set(keys)) == len(keys) and counter.skipped == 1
+    assert "no data for 0.3 s from pipe:" in counter.last_error
+
+
 def test_a_local_file_cut_short_is_not_retried(tmp_path):
     from tests.foreign import truncate
 
@@ -135,3 +142,17 @@ def test_retries_and_timeouts_may_change_when_a_run_is_resumed():
     saved = load_config(None, [])
     assert config_differences(saved, load_config(None, ["data.shard_retries=5", "data.read_timeout_s=120"])) == []
     assert config_differences(saved, load_config(None, ["data.batch_size=64"])) == ["data.batch_size"]
+
+
+def test_the_loader_stops_on_a_label_outside_the_classes_naming_shard_and_sample(tmp_path):
+    """Where no index saw the labels (a manifest vouched for them), the loader refuses rather than skips."""
+    import torch
+
+    from pipeline.data.samples import LabelError
+    from pipeline.data.stream import StreamSpec, make_loader
+
+    shards = write_foreign(tmp_path, "m", 2, 6, label_of=lambda s, i: "12" if (s, i) == (1, 2) else "1")
+    spec = StreamSpec(tuple(shards.shards), 4, 0, 0, 0, 1, 0, False, num_classes=10)
+    with pytest.raises(LabelError, match=r"shard .*m-0001\.tar, sample m0001/000002: class index 12 is out of range; "
+                       r"allowed: 0\.\.9 \(model\.num_classes=10\)"):  # fmt: skip
+        list(make_loader(spec, lambda im: torch.zeros(3, 2, 2, dtype=torch.uint8)))
