@@ -307,7 +307,10 @@ def index_pattern(pattern: str, *, runs_root: str = "runs", refresh: bool = Fals
         result = index_shards(urls, runs_root=runs_root, need_labels=True, refresh=refresh)
     except ShardIndexError as exc:
         raise DataError(f"--index: {exc}") from None
-    found = find_classes(urls) if not is_remote(urls[0]) else None
+    try:
+        found = find_classes(urls)
+    except ValueError as exc:
+        raise DataError(f"--index: {exc}") from None
     facts = ShardFacts(None, [], found[0] if found else None, len(found[0]) if found else None, {"train": "index"})
     _use_index(facts, result, urls, [])
     _check_labels({"--index": urls}, result.entries, facts.num_classes, found[1] if found else None)
