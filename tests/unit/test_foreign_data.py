@@ -342,3 +342,24 @@ def test_indexing_and_planning_import_nothing_heavy(foreign):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().endswith(" []"), out.stdout + out.stderr
+
+
+def test_the_loader_serves_every_readable_image_and_counts_the_rest(foreign):
+    """Directory-prefixed keys, .JPEG/.jpg/.png/.webp, captions and metadata ignored; the corrupt image, the sample
+    with only a caption and the tar cut short are skipped and counted (the cut one named)."""
+    import torch
+
+    from pipeline.data.stream import StreamSpec, make_loader
+
+    tmp_path, train, _val, complete = foreign
+    plan = plan_data(config_for(f"{tmp_path}/x/train-{{0000..0007}}.tar"), 1)
+    spec = StreamSpec(tuple(plan.train_shards), 8, 0, 0, 0, 1, 0, False, num_classes=10, shard_counts=plan.train_counts)
+    labels, skipped, errors = [], 0, []
+    for _images, batch_labels, dropped, error in make_loader(spec, lambda im: torch.zeros(3, 2, 2, dtype=torch.uint8)):
+        labels += batch_labels.tolist()
+        skipped, errors = skipped + dropped, errors + [error]
+    readable = [c for i, s in enumerate(train.shards) for k, c in train.readable(s) if i != 5 or k in complete]
+    assert sorted(labels) == sorted(readable) and len(labels) == plan.train_samples - 1  # the corrupt image
+    assert skipped == 3  # the corrupt image, the caption-only sample, the cut tar (its undelivered tail: none)
+    assert any("train-0005.tar given up at sample" in e for e in errors)
+    assert any("train0002/000005" in e and "has no image" in e for e in errors)
