@@ -74,7 +74,11 @@ bench: setup
 ui: setup
 	$(RUN) -m pipeline ui --host $(HOST) --port $(PORT)
 
-.PHONY: tracking-sync bench-tracking
+.PHONY: tracking-sync bench-tracking bench-data
+# What foreign and thousands of shards cost before the first step: indexing, cached re-plan, start-up per 1,000 shards
+bench-data: setup
+	$(RUN) -m benchmarks.bench_data $(ARGS)
+
 # What MLflow tracking costs a training step, against a real mlflow server on loopback (docs/performance.md)
 bench-tracking: setup
 	$(RUN) -m benchmarks.bench_tracking $(ARGS)

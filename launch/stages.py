@@ -69,12 +69,15 @@ def prepare(request: StageRequest, resolve_weights: bool = True) -> tuple[Config
         check_slurm(config.launch)
         fit_to_partition(config.launch)
     plan = plan_data(config, config.world_size)
+    for note in plan.notes:  # e.g. what indexing the shards found
+        print(note, file=sys.stderr)
     if config.model.num_classes is None:
-        if not plan.classes:
+        if not plan.num_classes:
             raise ConfigError(
-                "model.num_classes is unset and no manifest.json names the classes; set model.num_classes"
+                "model.num_classes is unset: no manifest.json or classes.json names the classes and the shards "
+                "have no .cls labels; set model.num_classes"
             )
-        config.model.num_classes = len(plan.classes)
+        config.model.num_classes = plan.num_classes
     config.data.train_samples = plan.train_samples
     from pipeline.model.factory import check_model  # timm: seconds to import, so after the cheap checks
 

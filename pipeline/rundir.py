@@ -12,6 +12,7 @@ the layout; everything else asks a ``RunDir`` (or ``RunsRoot`` for what sits bes
     train_log.jsonl        one line per log step (loss, lr, ...): the loss curve, kept out of checkpoints
     summary.json           written once the run is complete
     mlflow_run_id, tracking_spool.*   the MLflow run and its journal (pipeline/tracking/)
+    datasets.json          the shard sets (train, val) as logged to MLflow: name, source, digest, samples
     pretrained.json, adaptation.json, model/   fine-tuning: lineage and the exported model
 """
 
@@ -44,6 +45,8 @@ RESUMABLE_DIFFERENCES = (
     "launch.gpus_per_node",
     "launch.tasks_per_node",
     "deepspeed.zero_stage",  # between ZeRO-1 and 2 on any world size; checked at resume
+    "data.shard_retries",  # how hard remote shards are tried (a flaky store may need more on the next attempt)
+    "data.read_timeout_s",
     "tracking.",  # tracking never changes what is computed (parent run, server, intervals...)
 )
 
@@ -76,6 +79,7 @@ class RunDir:
     spool = property(lambda self: self.path / "tracking_spool.jsonl")
     spool_sent = property(lambda self: self.path / "tracking_spool.sent")
     spool_lock = property(lambda self: self.path / "tracking_spool.jsonl.lock")
+    datasets = property(lambda self: self.path / "datasets.json")  # the data lineage logged to MLflow
     pretrained_info = property(lambda self: self.path / "pretrained.json")
     adaptation = property(lambda self: self.path / "adaptation.json")
     pretrained_ready = property(lambda self: self.path / "pretrained.ready")
@@ -148,7 +152,8 @@ class RunDir:
 
 
 class RunsRoot:
-    """What sits beside the runs under ``run.root``: the default MLflow store and the converted weights."""
+    """What sits beside the runs under ``run.root``: the default MLflow store, the converted weights, and the
+    shard index of remote shards and of read-only shard folders (pipeline/data/index.py)."""
 
     def __init__(self, root: str | Path):
         self.path = Path(root)
@@ -157,6 +162,7 @@ class RunsRoot:
     mlartifacts = property(lambda self: self.path / "mlartifacts")
     pretrained_cache = property(lambda self: self.path / "pretrained")
     bench = property(lambda self: self.path / "bench")
+    shard_index = property(lambda self: self.path / "shard-index")
 
     def runs_of(self, stage: str, family: str) -> list[RunDir]:
         """Run folders of one stage and config family, oldest first."""

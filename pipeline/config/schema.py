@@ -57,10 +57,15 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = "data/digits/train-{000000..000007}.tar"  # brace pattern; '::' joins several
+    # brace pattern of local paths, http(s):// URLs or pipe:<command>s; '::' joins several
+    train_shards: str = "data/digits/train-{000000..000007}.tar"
     val_shards: Optional[str] = "data/digits/val-{000000..000001}.tar"
-    manifest: Optional[str] = None  # manifest.json with sample counts/classes; default: next to the shards
-    train_samples: Optional[int] = None  # samples in one pass over train shards; default: from the manifest
+    # manifest.json (or a wids shard index) with sample counts/classes; default: next to the shards
+    manifest: Optional[str] = None
+    # samples in one pass over train shards; default: from the manifest, else from the shard index (built once)
+    train_samples: Optional[int] = None
+    shard_retries: int = 2  # a remote shard whose stream fails is opened again this often, then skipped and counted
+    read_timeout_s: float = 60.0  # a remote shard that sends nothing for this long counts as failed (retried)
     resampled: bool = False  # draw shards with replacement (large corpora); needs samples_per_epoch
     samples_per_epoch: Optional[int] = None  # what counts as an epoch; default: train_samples
     batch_size: int = 128  # GLOBAL batch per optimizer step = micro batch x ranks x grad_accum_steps
@@ -78,10 +83,10 @@ class DataConfig:
     torch_resize: bool = True  # resample with torch's uint8 antialiased kernel (Pillow's filter, ~4x faster)
 
     def check(self) -> None:
-        _all_positive("data", self, "batch_size prefetch_factor shuffle_buffer")
+        _all_positive("data", self, "batch_size prefetch_factor shuffle_buffer read_timeout_s")
+        _all_positive("data", self, "num_workers shard_retries", allow_zero=True)
         if self.streams is not None:
             positive("data.streams", self.streams)
-        positive("data.num_workers", self.num_workers, allow_zero=True)
         if self.resampled and not self.samples_per_epoch:
             raise ConfigError("data.resampled=true needs data.samples_per_epoch (how many samples make an epoch)")
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data.plan import DataPlan, deal_shards, usable_workers
+from pipeline.data.plan import DataPlan, deal_shards, read_policy, usable_workers
 from pipeline.data.stream import Batch, StreamSpec, make_loader
 from pipeline.data.transforms import build_transforms
 
@@ -37,6 +37,7 @@ class RankData:
         self.train_transform = build_transforms(config, img_size, training=True)
         self.eval_transform = build_transforms(config, img_size, training=False)
         self.pin_memory = pin_memory
+        self.num_classes = config.model.num_classes or plan.num_classes or 0  # labels at or above are refused
 
     def train_spec(self, start_step: int) -> StreamSpec:
         d, plan = self.config.data, self.plan
@@ -55,6 +56,9 @@ class RankData:
             resampled=d.resampled,
             recycle_buffers=d.prefetch_factor + 3,
             require_labels=self.require_labels,
+            num_classes=self.num_classes,
+            read=read_policy(d),
+            shard_counts=self.plan.train_counts,
         )
 
     def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
@@ -88,6 +92,9 @@ class RankData:
             False,
             batch_size=self.micro_batch,
             require_labels=self.require_labels,
+            num_classes=self.num_classes,
+            read=read_policy(d),
+            shard_counts=self.plan.val_counts,
         )
         return make_loader(spec, self.eval_transform, prefetch_factor=d.prefetch_factor, pin_memory=self.pin_memory)
 

@@ -78,12 +78,68 @@ def find_manifest(shards: list[str], explicit: Optional[str] = None) -> Optional
     return read_manifest(path)
 
 
-def count_in_manifest(manifest: dict, shards: list[str]) -> Optional[int]:
-    """Samples in these shards according to the manifest (None when a shard is not listed)."""
+def counts_in_manifest(manifest: dict, shards: list[str]) -> Optional[list[int]]:
+    """Samples in each of these shards according to the manifest (None when a shard is not listed)."""
     counts: dict[str, int] = {}
     for split in manifest.get("splits", {}).values():
         counts.update(zip(split.get("shards", []), split.get("counts", [])))
     names = [os.path.basename(s) for s in shards]
     if not all(n in counts for n in names):
         return None
-    return sum(counts[n] for n in names)
+    return [counts[n] for n in names]
+
+
+def count_in_manifest(manifest: dict, shards: list[str]) -> Optional[int]:
+    """Samples in these shards according to the manifest (None when a shard is not listed)."""
+    counts = counts_in_manifest(manifest, shards)
+    return None if counts is None else sum(counts)
+
+
+def is_wids_index(path: str | os.PathLike) -> bool:
+    """Whether a JSON file is a wids shard index (``{"wids_version": 1, "shardlist": [...]}``), not a manifest."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return '"wids_version"' in head or '"wids-shard-index' in head
+
+
+CLASSES_NAME = "classes.json"
+
+
+def find_classes(shards: list[str]) -> Optional[tuple[list[str], str]]:
+    """(class names, the file) from a ``classes.json`` beside the (local) shards, if there is one.
+
+    Accepted: a list of names; ``{"classes": [names]}``; ``{name: index}`` (ImageFolder's class_to_idx);
+    ``{"0": name, ...}``. ValueError naming the file for anything else."""
+    first = shards[0]
+    if "://" in first or first.startswith("pipe:"):
+        return None
+    path = Path(first).parent / CLASSES_NAME
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    names = _class_names(doc)
+    if names is None:
+        raise ValueError(
+            f'{path}: expected a list of class names, {{"classes": [...]}}, {{name: index}} or {{"0": name}}'
+        )
+    return names, str(path)
+
+
+def _class_names(doc) -> Optional[list[str]]:
+    if isinstance(doc, dict) and isinstance(doc.get("classes"), list):
+        doc = doc["classes"]
+    if isinstance(doc, list):
+        return [str(n) for n in doc]
+    if not isinstance(doc, dict) or not doc:
+        return None
+    if all(isinstance(v, int) for v in doc.values()) and sorted(doc.values()) == list(range(len(doc))):
+        return [name for name, _ in sorted(doc.items(), key=lambda kv: kv[1])]
+    if all(str(k).isdigit() for k in doc) and sorted(int(k) for k in doc) == list(range(len(doc))):
+        return [str(doc[k]) for k in sorted(doc, key=int)]
+    return None

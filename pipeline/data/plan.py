@@ -10,12 +10,16 @@ import json
 import os
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import braceexpand
 
-from pipeline.data.manifest import count_in_manifest, find_manifest
+from pipeline.data.index import IndexResult, ShardIndexError, index_shards
+from pipeline.data.lineage import dataset_record
+from pipeline.data.manifest import counts_in_manifest, find_classes, find_manifest, is_wids_index
+from pipeline.data.reader import ReadPolicy
+from pipeline.data.remote import is_remote, local_path
 
 
 class DataError(ValueError):
@@ -28,18 +32,30 @@ def expand_urls(pattern: str) -> list[str]:
 
 
 def expand_shards(pattern: str, key: str = "data.train_shards") -> list[str]:
-    """Brace/``::`` pattern -> shard URLs; local files must exist (remote ``pipe:``/URLs pass through)."""
+    """Brace/``::`` pattern -> shard URLs; local files must exist (remote ``pipe:``/URLs pass through).
+    Existence is checked with one directory listing per folder, not a stat per shard (10,000 shards on NFS)."""
     urls = expand_urls(pattern)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not os.path.exists(u)]
+    if not urls:
+        raise DataError(f"{key}={pattern!r} matches no shards")
+    listings: dict[str, set[str]] = {}
+    missing = []
+    for url in urls:
+        if is_remote(url):
+            continue
+        folder, name = os.path.split(local_path(url))
+        if folder not in listings:
+            try:
+                listings[folder] = set(os.listdir(folder or "."))
+            except OSError:
+                listings[folder] = set()
+        if name not in listings[folder]:
+            missing.append(url)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(
             f"{key}: shard {missing[0]} not found{more}; build shards with 'make shards' "
             f"or point {key} at existing .tar files"
         )
-    if not urls:
-        raise DataError(f"{key}={pattern!r} matches no shards")
     return urls
 
 
@@ -114,29 +130,217 @@ class DataPlan:
     val_samples: Optional[int]
     classes: Optional[list[str]]
     steps_per_epoch: int
-    streams: int  # canonical sample streams of the training data (resolve_streams)
+    num_classes: Optional[int] = None  # model.num_classes, or what the manifest / classes.json / labels say
+    train_counts: tuple[int, ...] = ()  # samples per shard, where known (a lost shard's cost)
+    val_counts: tuple[int, ...] = ()
+    datasets: list[dict] = field(default_factory=list)  # lineage records (pipeline/data/lineage.py)
+    notes: list[str] = field(default_factory=list)  # what the CLI tells the user (indexing)
+    streams: int = 1  # canonical sample streams of the training data (resolve_streams)
 
 
-def plan_data(config, world_size: int) -> DataPlan:
-    """Check the shards against the job before it starts (missing files, too few shards, counts)."""
+def plan_data(config, world_size: int, *, build_index: bool = True) -> DataPlan:
+    """Check the shards against the job before it starts (missing files, too few shards, counts, labels).
+    ``build_index=False`` (a training rank): use a cached shard index but never walk the shards."""
     d = config.data
     train = expand_shards(d.train_shards, "data.train_shards")
     val = expand_shards(d.val_shards, "data.val_shards") if d.val_shards else []
-    try:
-        manifest = find_manifest(train, d.manifest)
-    except FileNotFoundError as exc:
-        raise DataError(str(exc)) from None
-    train_samples = d.train_samples or (manifest and count_in_manifest(manifest, train))
+    streams = resolve_streams(d.streams, len(train), d.batch_size, world_size, d.resampled)  # cheap: before indexing
+    facts = describe_shards(config, train, val, build_index)
+    train_samples = d.train_samples or (sum(facts.train_counts) if facts.train_counts is not None else None)
     if not train_samples and not d.samples_per_epoch:
         raise DataError(
             "data.train_samples is unknown: no manifest.json lists these shards; set "
             "data.train_samples (samples in one pass) or data.resampled=true with data.samples_per_epoch"
         )
-    streams = resolve_streams(d.streams, len(train), d.batch_size, world_size, d.resampled)
     per_epoch = d.samples_per_epoch or train_samples
     steps = per_epoch // d.batch_size
     if steps < 1:
         raise DataError(f"data.batch_size={d.batch_size} is larger than an epoch ({per_epoch} samples)")
-    val_samples = manifest and val and count_in_manifest(manifest, val) or None
-    classes = manifest.get("classes") if manifest else None
-    return DataPlan(train, val, int(train_samples or per_epoch), val_samples, classes, steps, streams)
+    val_samples = sum(facts.val_counts) if val and facts.val_counts is not None else None
+    datasets = [
+        dataset_record("train", d.train_shards, train, facts.train_counts, train_samples, *facts.lineage_args("train"))
+    ]
+    if val:
+        datasets.append(
+            dataset_record("val", d.val_shards, val, facts.val_counts, val_samples, *facts.lineage_args("val"))
+        )
+    return DataPlan(
+        train, val, int(train_samples or per_epoch), val_samples, facts.classes, steps, facts.num_classes,
+        tuple(facts.train_counts or ()), tuple(facts.val_counts or ()), datasets, facts.notes, streams,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the shards hold: the manifest, else the shard index
+
+
+def read_policy(data_config) -> ReadPolicy:
+    return ReadPolicy(retries=data_config.shard_retries, timeout_s=data_config.read_timeout_s)
+
+
+@dataclass
+class ShardFacts:
+    """Counts and classes of the train and val shards, and where they came from."""
+
+    train_counts: Optional[list[int]]
+    val_counts: Optional[list[int]]
+    classes: Optional[list[str]]
+    num_classes: Optional[int]
+    counted_by: dict[str, str]
+    entries: dict[str, dict] = field(default_factory=dict)  # shard index entries, where used
+    notes: list[str] = field(default_factory=list)
+
+    def lineage_args(self, split: str) -> tuple:
+        return self.counted_by[split], self.entries, self.classes or self.num_classes
+
+
+def describe_shards(config, train: list[str], val: list[str], build_index: bool = True) -> ShardFacts:
+    """Counts and classes from a manifest listing the shards; otherwise from the shard index, built (once) only
+    when something is unknown: data.train_samples, or model.num_classes (then the labels are checked too)."""
+    d = config.data
+    manifest, wids = _manifest(train, d.manifest)
+    train_counts = counts_in_manifest(manifest, train) if manifest else None
+    val_counts = (counts_in_manifest(manifest, val) if manifest else None) if val else []
+    classes, classes_from = _classes(manifest, train)
+    num_classes = config.model.num_classes or (len(classes) if classes else None)
+    by = {"train": "manifest" if train_counts else "config", "val": "manifest" if val_counts else "none"}
+    facts = ShardFacts(train_counts, val_counts, classes, num_classes, by)
+    to_index = (train if train_counts is None else []) + (val if val_counts is None else [])
+    if not to_index:
+        return facts
+    need_labels = num_classes is None
+    build = build_index and (need_labels or (train_counts is None and not d.train_samples and not d.samples_per_epoch))
+    try:
+        result = index_shards(
+            to_index, runs_root=config.run.root, need_labels=need_labels and build, policy=read_policy(d),
+            wids=wids, build=build,
+        )  # fmt: skip
+    except ShardIndexError as exc:
+        key = "data.val_shards" if exc.url in val else "data.train_shards"
+        raise DataError(
+            f"{key}: {exc}; fix the path, URL or command, or set data.train_samples and model.num_classes to skip indexing"
+        ) from None
+    _use_index(facts, result, train, val)
+    where = f"model.num_classes={config.model.num_classes}" if config.model.num_classes else classes_from
+    _check_labels({"data.train_shards": train, "data.val_shards": val}, result.entries, facts.num_classes, where)
+    if result.entries:
+        facts.notes.append(index_note(result, facts.num_classes))
+    return facts
+
+
+def _manifest(train: list[str], explicit: Optional[str]) -> tuple[Optional[dict], Optional[str]]:
+    """(our manifest, a wids shard index path): ``data.manifest`` may name either; beside the shards only a
+    manifest of ours counts (another tool's manifest.json is ignored)."""
+    if explicit and is_wids_index(explicit):
+        return None, explicit
+    try:
+        return find_manifest(train, explicit), None
+    except FileNotFoundError as exc:
+        raise DataError(str(exc)) from None
+    except ValueError as exc:
+        if explicit:
+            raise DataError(f"data.manifest: {exc}") from None
+        return None, None
+
+
+def _classes(manifest: Optional[dict], train: list[str]) -> tuple[Optional[list[str]], Optional[str]]:
+    if manifest and manifest.get("classes"):
+        return list(manifest["classes"]), f"the {len(manifest['classes'])} classes of manifest.json"
+    try:
+        found = find_classes(train)
+    except ValueError as exc:
+        raise DataError(f"data.train_shards: {exc}") from None
+    return (found[0], f"the {len(found[0])} classes of {found[1]}") if found else (None, None)
+
+
+def _use_index(facts: ShardFacts, result: IndexResult, train: list[str], val: list[str]) -> None:
+    entries = facts.entries = result.entries
+    if facts.train_counts is None and all(u in entries for u in train):
+        facts.train_counts, facts.counted_by["train"] = [entries[u]["samples"] for u in train], "index"
+    if val and facts.val_counts is None and all(u in entries for u in val):
+        facts.val_counts, facts.counted_by["val"] = [entries[u]["samples"] for u in val], "index"
+    if facts.num_classes is None:
+        tops = [e["cls_max"] for e in entries.values() if e.get("source") == "tar" and e.get("cls_max") is not None]
+        facts.num_classes = max(tops) + 1 if tops and max(tops) >= 0 else None
+
+
+def _check_labels(splits: dict[str, list[str]], entries: dict[str, dict], num_classes, where) -> None:
+    """Every .cls the index saw must be a class index of this run: DataError naming the shard and sample."""
+    # a class count derived from the labels themselves bounds nothing: only negatives and non-integers are wrong
+    allowed = f"integers 0..{num_classes - 1} ({where})" if num_classes and where else "integers >= 0"
+    for key, urls in splits.items():
+        for url in urls:
+            entry = entries.get(url) or {}
+            if entry.get("source") != "tar":
+                continue
+            if entry.get("bad_label"):
+                sample, text = entry["bad_label"]
+                raise DataError(f"{key}: shard {url}, sample {sample}: .cls {text!r} is not a class index; {allowed}")
+            low, high = entry.get("cls_min"), entry.get("cls_max")
+            if low is not None and low < 0:
+                raise DataError(f"{key}: shard {url}, sample {entry['cls_min_key']}: class index {low}; {allowed}")
+            if num_classes and high is not None and high >= num_classes:
+                raise DataError(
+                    f"{key}: shard {url}, sample {entry['cls_max_key']}: class index {high} is out of range; {allowed}"
+                )
+
+
+def index_note(result: IndexResult, num_classes: Optional[int]) -> str:
+    """One line for the user, e.g. 'indexed 8 shards (1,497 samples, 10 classes) in 0.4 s; cached in ...'."""
+    entries = result.entries
+    new = result.scanned + result.counted
+    samples = sum(e.get("samples", 0) for e in entries.values())
+    what = f"{samples:,} samples" + (f", {num_classes} classes" if num_classes else "")
+    where = ", ".join(_short(p) for p in dict.fromkeys(result.cache_files))
+    if not new:
+        line = f"shard index: {len(entries)} shard(s) ({what}) from {where or 'the cache'}"
+    else:
+        took = f"{result.seconds:.2f}" if result.seconds < 1 else f"{result.seconds:.1f}"
+        how = f"; {result.counted} counted from img2dataset/wids files" if result.counted else ""
+        if len(entries) > new:
+            line = f"indexed {new} shard(s) in {took} s, {len(entries) - new} more from the cache ({what} in all)"
+        else:
+            line = f"indexed {new} shard(s) ({what}) in {took} s"
+        line += how + (f"; cached in {where}" if where else "; not cached")
+    return line + _index_problems(entries)
+
+
+def _index_problems(entries: dict[str, dict]) -> str:
+    text = ""
+    broken = [(u, e["error"]) for u, e in entries.items() if e.get("error")]
+    if broken:
+        first, why = broken[0]
+        text += f"; {len(broken)} shard(s) cut short, read up to the break ({_short(first)}: {why})"
+    no_image = sum(e.get("no_image", 0) for e in entries.values())
+    unlabeled = sum(e["samples"] - e.get("labeled", 0) for e in entries.values() if e.get("source") == "tar")
+    if no_image:
+        text += f"; {no_image:,} sample(s) without an image (skipped)"
+    if unlabeled:
+        text += f"; {unlabeled:,} without .cls (skipped in training)"
+    return text
+
+
+def _short(path: str) -> str:
+    """A path relative to the working directory when under it (what the user typed, usually)."""
+    if is_remote(path):
+        return path
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
+
+
+def index_pattern(pattern: str, *, runs_root: str = "runs", refresh: bool = False) -> tuple[IndexResult, str]:
+    """``make shards SHARDS_ARGS="--index '<pattern>'"``: index (or re-index) shards, check their labels;
+    (result, the one-line report). DataError for missing shards or bad labels."""
+    urls = expand_shards(pattern, "--index")
+    try:
+        result = index_shards(urls, runs_root=runs_root, need_labels=True, refresh=refresh)
+    except ShardIndexError as exc:
+        raise DataError(f"--index: {exc}") from None
+    try:
+        found = find_classes(urls)
+    except ValueError as exc:
+        raise DataError(f"--index: {exc}") from None
+    facts = ShardFacts(None, [], found[0] if found else None, len(found[0]) if found else None, {"train": "index"})
+    _use_index(facts, result, urls, [])
+    _check_labels({"--index": urls}, result.entries, facts.num_classes, found[1] if found else None)
+    return result, index_note(result, facts.num_classes)

@@ -76,7 +76,38 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="rewrite even if a complete manifest with the same settings exists"
     )
+    _add_index_options(p)
     return p
+
+
+def _add_index_options(p: argparse.ArgumentParser) -> None:
+    """Indexing shards written by other tools (the same index a run builds when no manifest lists them)."""
+    p.add_argument(
+        "--index",
+        metavar="PATTERN",
+        default=None,
+        help="instead of writing shards: index existing ones (a quoted brace pattern of paths, http(s):// URLs or "
+        "pipe: commands) and cache what they hold, as a run does when no manifest.json lists them",
+    )
+    p.add_argument("--refresh", action="store_true", help="with --index: walk every shard again, ignoring the cache")
+    p.add_argument(
+        "--runs-root",
+        default="runs",
+        help="with --index: run.root, where the index of remote or read-only shards is kept (default: runs)",
+    )
+
+
+def _index(args: argparse.Namespace) -> int:
+    """``--index``: the shard index, built or refreshed; one line on what the shards hold."""
+    from pipeline.data.plan import DataError, index_pattern
+
+    try:
+        _result, line = index_pattern(args.index, runs_root=args.runs_root, refresh=args.refresh)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(line)
+    return 0
 
 
 def _is_up_to_date(out_dir: Path, settings: dict[str, Any]) -> bool:
@@ -140,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.index is not None:
+            return _index(args)
         kind, out, settings = _validated_settings(args)
     except SystemExit as exc:  # --help: argparse printed it and wants to exit
         return exc.code if isinstance(exc.code, int) else 0

@@ -14,7 +14,10 @@ How training data is laid out, and why:
   each sample's augmentation (the RNGs are re-seeded per sample). A resumed run, on the same or another world
   size, skips the samples it already trained on *before decoding* and continues bit-identically.
 * Undecodable samples and unreadable tar members are skipped and counted (the batch is that much smaller);
-  the count travels with the batch to the trainer, which reports it.
+  the count travels with the batch to the trainer, which reports it. A remote shard whose stream fails is
+  retried, continuing after its last delivered sample (pipeline/data/reader.py); one that keeps failing counts
+  its undelivered samples as skipped. A label outside the run's classes stops the run (LabelError), naming
+  shard and sample.
 
 Evaluation is one unshuffled pass: val shards dealt ``rank::world``, then ``worker::workers``.
 """
@@ -32,11 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
 
 from pipeline.data.batch import BatchBuilder
 from pipeline.data.plan import deal_shards, derive_seed
-from pipeline.data.samples import Counter, decode_sample, seed_sample
+from pipeline.data.reader import ReadPolicy, shard_samples
+from pipeline.data.samples import Counter, LabelError, decode_sample, seed_sample
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,9 @@ class StreamSpec:
     # prefetch_factor batches ahead, so prefetch_factor + 3 buffers are never reused while still in use.
     recycle_buffers: int = 0
     require_labels: bool = True  # False: samples without .cls are served with label -1 (self-supervised)
+    num_classes: int = 0  # labels must be below this (0: unchecked)
+    read: ReadPolicy = ReadPolicy()  # retries and timeouts of remote shards
+    shard_counts: tuple[int, ...] = ()  # samples per shard (manifest or index), sizes what a lost shard costs
 
     def rank_streams(self) -> range:
         per_rank = self.streams // self.world
@@ -140,10 +146,9 @@ class ShardStream(IterableDataset):
         key) per sample position, the first ``skip`` positions passed over without decoding."""
         s = self.spec
         read = [0]  # samples read so far: a pass over the stream's shards that yields none is an error, not a hang
-        urls = ({"url": url} for url in self._train_urls(epoch, stream, read, counter))
-        raw = self._shuffled(
-            _counted(tarfile_samples(urls, handler=counter), read), derive_seed(s.seed, epoch, stream, -2)
-        )
+        expected = dict(zip(s.shards, s.shard_counts)) if s.shard_counts else None
+        samples = shard_samples(self._train_urls(epoch, stream, read, counter), counter.lost, s.read, expected)
+        raw = self._shuffled(_counted(samples, read), derive_seed(s.seed, epoch, stream, -2))
         for index, sample in enumerate(raw):
             if index >= skip:
                 yield self._decode(sample, derive_seed(s.seed, epoch, stream, index), counter)
@@ -187,14 +192,15 @@ class ShardStream(IterableDataset):
         """(transformed image, label, key), or (None, ...) for a sample that cannot be decoded (counted)."""
         key = str(sample.get("__key__", ""))
         try:
-            image, label = decode_sample(
-                sample, lazy=getattr(self.transform, "lazy_decode", False), require_label=self.spec.require_labels
-            )
+            lazy = getattr(self.transform, "lazy_decode", False)
+            image, label = decode_sample(sample, lazy, self.spec.require_labels, self.spec.num_classes)
             # Per-sample seeding makes augmentation independent of what came before: exact resume.
             seed_sample(seed)
             return self.transform(image), label, key
+        except LabelError:
+            raise
         except Exception as exc:  # malformed sample: count it, keep going
-            counter(exc)
+            counter.sample(sample, exc)
             return None, -1, key
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -202,14 +208,10 @@ class ShardStream(IterableDataset):
         """One pass over this worker's share of this rank's val shards, in full batches and a last partial one."""
         s = self.spec
         builder, counter = BatchBuilder(s.batch_size, shared=shared), Counter()
-        urls = (
-            {"url": u}
-            for u in deal_shards(list(s.shards), seed=0, epoch=0, rank=s.rank, world=s.world, shuffle=False)[
-                worker::workers
-            ]
-        )
+        urls = deal_shards(list(s.shards), seed=0, epoch=0, rank=s.rank, world=s.world, shuffle=False)[worker::workers]
+        expected = dict(zip(s.shards, s.shard_counts)) if s.shard_counts else None
         rng.save()
-        for sample in tarfile_samples(urls, handler=counter):
+        for sample in shard_samples(urls, counter.lost, s.read, expected):
             image, label, key = self._decode(sample, derive_seed(s.seed, -1, len(builder)), counter)
             if image is not None:
                 builder.add(image, label, key)

@@ -67,6 +67,18 @@ def log_lineage(tracker, run: RunDir) -> None:
         }
     )
     tracker.log_params(lineage)
+    tracker.log_datasets(pretraining_datasets(info))
     for path in (info_file, report_file):
         if path.exists():
             tracker.log_artifact(path, "lineage")
+
+
+def pretraining_datasets(info: dict) -> list[dict]:
+    """The pretraining run's training shards as an input of the fine-tune run too (context ``pretrain``), so the
+    registered model names all its data. Under its own name: MLflow links a dataset (name + digest) to a run
+    once, so the same shards fine-tuned on again would otherwise lose the ``pretrain`` context."""
+    return [
+        {**d, "name": f"{d['name']} (pretraining)", "context": "pretrain"}
+        for d in info.get("datasets") or []
+        if d.get("context") == "train"
+    ]

@@ -157,6 +157,7 @@ def convert(tag_dir: Path, cache: Path) -> dict:
         "tensors": len(state_dict),
         "parameters": sum(v.numel() for v in state_dict.values()),
         "final_eval": run.read_summary().get("final") if run.is_complete() else None,
+        "datasets": json.loads(run.datasets.read_text()) if run.datasets.exists() else [],  # its data lineage
     }
     tmp = temp_path(cache)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -140,6 +140,8 @@ class Delivery:
                     self._call(client.log_artifacts, run_id, record["path"], where)
                 else:
                     self._call(client.log_artifact, run_id, record["path"], record.get("dir"))
+            elif kind == "datasets":
+                self._call(client.log_inputs, self._require_run(), datasets=dataset_inputs(record["values"]))
             elif kind == "image":
                 run_id = self._require_run()
                 if not Path(record["path"]).exists():
@@ -230,6 +232,28 @@ class Delivery:
         self._warned_drop += 1
         if self._warned_drop <= 5:
             log.warning("MLflow refused a tracking record, dropped: %s%s", what, f" ({first_line(exc)})" if exc else "")
+
+
+def dataset_inputs(records: list[dict]) -> list:
+    """Lineage records -> MLflow ``DatasetInput``s, each tagged with its context (``mlflow.data.context``)."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    return [
+        DatasetInput(
+            Dataset(
+                name=r["name"][:500],
+                digest=r["digest"][:36],  # MLflow's column limit
+                source_type=r["source_type"],
+                source=json.dumps({"uri": r["source"]}),
+                profile=json.dumps(r.get("profile") or {}),
+            ),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, r["context"])],
+        )
+        for r in records
+    ]
 
 
 def _fits(group: list[dict], record: dict) -> bool:

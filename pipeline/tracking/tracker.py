@@ -209,6 +209,12 @@ class Tracker:
         if values:
             self._record({"t": "metrics", "ts": _now_ms(), "step": int(step), "values": values})
 
+    def log_datasets(self, datasets: list[dict]) -> None:
+        """The run's data as MLflow dataset inputs: records of pipeline/data/lineage.py (name, digest, source,
+        source_type, context train/val/pretrain, profile), sent with ``MlflowClient.log_inputs``."""
+        if self.enabled and datasets:
+            self._record({"t": "datasets", "values": list(datasets)})
+
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         if self.enabled:
             self._record({"t": "artifact", "path": str(Path(path).resolve()), "dir": artifact_path})

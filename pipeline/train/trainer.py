@@ -101,8 +101,8 @@ class Trainer:
         for hook in self.hooks:
             hook.before_start(self)
         random_seed(config.run.seed, env.rank)  # timm's Mixup draws from NumPy, drop-path from torch
-        self.plan = plan_data(config, env.world_size)
-        num_classes = config.model.num_classes or len(self.plan.classes or [])
+        self.plan = plan_data(config, env.world_size, build_index=False)  # the CLI indexed the shards already
+        num_classes = config.model.num_classes or self.plan.num_classes or 0
         model = create_model(config.model, num_classes)
         if self.resume_tag is None:
             for hook in self.hooks:
@@ -190,6 +190,8 @@ class Trainer:
         if self.resume_tag is None:
             self.tracker.log_params(flatten(to_dict(config)))
             self.tracker.log_artifact(self.run.config)
+            atomic_write(self.run.datasets, json.dumps(self.plan.datasets, indent=2))  # a fine-tune reads it
+            self.tracker.log_datasets(self.plan.datasets)
             for hook in self.hooks:
                 hook.on_tracking_started(self)
         restarts = self.run.bump_restarts() if self.resume_tag else 0
@@ -333,7 +335,7 @@ class Trainer:
             self.progress.update(self.step, metrics)
             if skipped:
                 self.progress.write(
-                    f"skipped {int(skipped)} undecodable sample(s) in the last {window.steps} "
+                    f"skipped {int(skipped)} sample(s) (undecodable or unreadable) in the last {window.steps} "
                     f"steps; last: {window.last_error}"
                 )
         window.reset()

@@ -272,6 +272,16 @@ def test_finetune_run_is_linked_to_its_pretraining_run_in_mlflow(finetuned):
     assert [(v.run_id, v.source.endswith(f"{run_id}/artifacts/model")) for v in versions] == [(run_id, True)]
     assert run.data.tags["registered_model"] == f"digits_vit-finetuned/{versions[0].version}"
 
+    # the registered model's run names the shards it was fine-tuned on and those its weights were pretrained on
+    def inputs(of: str) -> dict:
+        return {i.tags[0].value: i.dataset for i in client.get_run(of).inputs.dataset_inputs}
+
+    mine, pretraining = inputs(versions[0].run_id), inputs(pre_id)
+    assert set(mine) == {"train", "val", "pretrain"} and set(pretraining) == {"train", "val"}
+    assert mine["pretrain"].digest == pretraining["train"].digest
+    assert mine["pretrain"].name == pretraining["train"].name + " (pretraining)"
+    assert json.loads(mine["train"].profile)["num_rows"] == json.loads(pretraining["train"].profile)["num_rows"]
+
 
 @pytest.mark.slow
 def test_exported_model_is_the_final_checkpoint_with_its_ema(finetuned):
