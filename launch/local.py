@@ -166,7 +166,8 @@ def _failed(procs, logs, failed: list[tuple[int, int]], dog: Optional[Watchdog],
         if p.poll() not in (None, 0, EXIT_RESUMABLE) and r not in dict(failed)
     ]
     _terminate(procs, grace_s=30.0)
-    rank, code = min(failed, key=lambda rc: (rc[1] >= 0, failed.index(rc)))
+    # a signal death first; then the rank whose error came first (its heartbeat says when): the others lost a peer
+    rank, code = min(failed, key=lambda rc: (rc[1] >= 0, _failed_at(rc[0], dog), failed.index(rc)))
     cause = _cause(rank, code, logs, dog)
     print(
         f"\nrank {rank} of {len(procs)} on {node} {_what(code)}: {cause}; the other ranks were stopped.",
@@ -181,6 +182,15 @@ def _failed(procs, logs, failed: list[tuple[int, int]], dog: Optional[Watchdog],
         print(f"--- last lines of rank {rank} ---\n{tail(logs[rank])}---", file=sys.stderr)
     step = dog.last_step(rank) if dog else None
     return Result(code if code > 0 else 128 - code, Failure(rank, node, step, cause))
+
+
+def _failed_at(rank: int, dog: Optional[Watchdog]) -> float:
+    if dog is None:
+        return 0.0
+    try:
+        return float(json.loads((dog.folder / f"rank{rank:05d}.json").read_text()).get("failed_at", float("inf")))
+    except (OSError, ValueError):
+        return float("inf")
 
 
 def _what(code: int) -> str:

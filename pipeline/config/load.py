@@ -7,6 +7,7 @@ Overrides mean exactly what was typed: the same key given twice is refused (a sh
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,12 +55,16 @@ def check_overrides(overrides: Sequence[str]) -> list[str]:
             raise ConfigError(f"override '{item}' is not key=value (e.g. optim.lr=1e-3)")
     twice = [key for key, n in Counter(o.split("=", 1)[0] for o in overrides).items() if n > 1]
     if twice:
-        values = [o.split("=", 1)[1] for o in overrides if o.startswith(twice[0] + "=")]
-        raise ConfigError(
-            f"override {twice[0]} is given {len(values)} times ({', '.join(values[:3])}{', ...' if len(values) > 3 else ''}); "
-            f"give it once. A shell expands braces in unquoted words: quote a shard pattern, e.g. "
-            f"'{twice[0]}=data/x/train-{{0000..0007}}.tar' (make ... ARGS=\"...\" passes it unchanged)"
-        )
+        key = twice[0]
+        values = [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")]
+        shown = ", ".join(values[:3]) + (", ..." if len(values) > 3 else "")
+        hint = ""
+        if len({re.sub(r"\d+", "#", v) for v in values}) == 1:  # what a shell makes of an unquoted brace pattern
+            hint = (
+                f" A shell expands braces in unquoted words: quote the pattern, e.g. '{key}=x/train-{{0000..0007}}"
+                f'.tar\' (make ... ARGS="..." passes it unchanged)'
+            )
+        raise ConfigError(f"override {key} is given {len(values)} times ({shown}); give it once.{hint}")
     return list(overrides)
 
 

@@ -51,7 +51,7 @@ class Heartbeat:
 
     def fail(self, error: str) -> None:
         """The rank is going down with this error: said at once, so the launcher can name the cause."""
-        self.record = {**self.record, "phase": "failed", "error": error[:500]}
+        self.record = {**self.record, "phase": "failed", "error": error[:500], "failed_at": time.time()}
         self._write()
 
     def stop(self) -> None:

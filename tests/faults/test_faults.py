@@ -30,30 +30,15 @@ REPORT = os.environ.get("FAULT_REPORT")  # a JSON file the measured detection/re
 
 def overrides(shards: Path, root: Path, name: str, steps: int, *extra: str) -> list[str]:
     """A tiny ViT on digits, 2 ranks, batch 32, ``steps`` optimizer steps, no stochastic layers or mixup (so a
-    resumed run must reproduce the uninterrupted losses), a heartbeat every second."""
-    return [
-        f"data.train_shards={shards}/train-{{000000..000007}}.tar",
-        f"data.val_shards={shards}/val-000000.tar",
-        "data.batch_size=32",
-        "data.num_workers=1",
-        "data.shuffle_buffer=64",
-        "model.embed_dim=32",
-        "model.depth=1",
-        "model.num_heads=2",
-        "augment.label_smoothing=0",
-        f"optim.epochs={steps * 32 / 1497}",
-        "optim.warmup_epochs=0.02",
-        "deepspeed.zero_stage=2",
-        "deepspeed.precision=fp32",
-        "launch.nproc=2",
-        "launch.heartbeat_s=1",
-        "launch.startup_grace_s=600",
-        "eval.every_steps=0",
-        "tracking.log_every_steps=1",
-        f"run.root={root}",
-        f"run.name={name}",
-        *extra,
-    ]
+    resumed run must reproduce the uninterrupted losses), a heartbeat every second; ``extra`` overrides these."""
+    base = [f"data.train_shards={shards}/train-{{000000..000007}}.tar", f"data.val_shards={shards}/val-000000.tar",
+            "data.batch_size=32", "data.num_workers=1", "data.shuffle_buffer=64", "model.embed_dim=32",
+            "model.depth=1", "model.num_heads=2", "augment.label_smoothing=0", f"optim.epochs={steps * 32 / 1497}",
+            "optim.warmup_epochs=0.02", "deepspeed.zero_stage=2", "deepspeed.precision=fp32", "launch.nproc=2",
+            "launch.heartbeat_s=1", "launch.startup_grace_s=600", "eval.every_steps=0", "tracking.log_every_steps=1",
+            f"run.root={root}", f"run.name={name}"]  # fmt: skip
+    given = {item.split("=", 1)[0] for item in extra}  # each key once: the CLI refuses a key given twice
+    return [item for item in base if item.split("=", 1)[0] not in given] + list(extra)
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def test_cluster_profiles_load_and_pass_the_slurm_checks(path):
 def test_the_same_key_twice_is_refused_naming_it():
     """What a shell's brace expansion of an unquoted shard pattern produces: never 'the last one wins'."""
     shards = [f"data.train_shards=x/train-{i:04d}.tar" for i in range(8)]
-    with pytest.raises(ConfigError, match=r"override data\.train_shards is given 8 times.*quote a shard pattern"):
+    with pytest.raises(ConfigError, match=r"override data\.train_shards is given 8 times.*quote the pattern"):
         load_config(DEMO, shards)
     with pytest.raises(ConfigError, match=r"run\.stage=finetune contradicts the command \(pretrain\)"):
         load_config(DEMO, ["run.stage=finetune"], stage="pretrain")
