@@ -74,7 +74,11 @@ bench: setup
 ui: setup
 	$(RUN) -m pipeline ui --host $(HOST) --port $(PORT)
 
-.PHONY: tracking-sync bench-tracking bench-data
+.PHONY: tracking-sync bench-tracking bench-data bench-checkpoint
+# What a checkpoint save blocks the loop for, synchronous vs background write (2 ranks, ZeRO-1 and 2; docs/performance.md)
+bench-checkpoint: setup
+	$(RUN) -m benchmarks.checkpoint $(ARGS)
+
 # What foreign and thousands of shards cost before the first step: indexing, cached re-plan, start-up per 1,000 shards
 bench-data: setup
 	$(RUN) -m benchmarks.bench_data $(ARGS)

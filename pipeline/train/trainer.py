@@ -118,6 +118,7 @@ class Trainer:
         optimizer = make_optimizer(module, config, self.dev)
         self.universal = self._prepare_elastic_resume()
         self.engine = create_engine(module, optimizer, config, env.world_size, load_universal=self.universal)
+        self.writer = self._background_writer()
         self.schedule = make_schedule(
             optimizer, config, self.total_steps, round(config.optim.warmup_epochs * self.steps_per_epoch)
         )
@@ -132,6 +133,17 @@ class Trainer:
             require_labels=self.objective.needs_labels,
         )
         self.normalize = DeviceNormalize(config, self.dev)
+
+    def _background_writer(self):
+        """``checkpoint.background_write`` (default: on with CUDA): DeepSpeed's engine saves through it."""
+        enabled = self.config.checkpoint.background_write
+        if not (self.dev.type == "cuda" if enabled is None else enabled):
+            return None
+        from pipeline.train.background import BackgroundCheckpointEngine
+
+        writer = BackgroundCheckpointEngine(self.env.rank, pin=self.dev.type == "cuda")
+        self.engine.checkpoint_engine = writer
+        return writer
 
     def _prepare_elastic_resume(self) -> bool:
         """Whether the checkpoint to resume was written by another number of ranks: then rank 0 converts it to a
@@ -296,6 +308,7 @@ class Trainer:
     def after_step(self) -> Optional[str]:
         """Evaluation and checkpoints at their intervals; the stop agreement. Returns why it stops, if it does."""
         config, step, total = self.config, self.step, self.total_steps
+        self.report_written()
         if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
             self.log_eval(self.evaluate())
         if self.fault is not None:
@@ -389,7 +402,8 @@ class Trainer:
 
     # -- checkpoints and the end -------------------------------------------------------------------
     def save(self, reason: str) -> None:
-        """Collective: every rank writes its part; the checkpoint counts once all have (COMPLETE marker)."""
+        """Collective: every rank writes its part; the checkpoint counts once all have (COMPLETE marker). With
+        background writes the loop waits only for the copy (and for the previous save, if still in flight)."""
         state = {
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
@@ -411,26 +425,57 @@ class Trainer:
             keep_last=self.config.checkpoint.keep_last,
             world_size=self.env.world_size,
             zero_stage=self.config.deepspeed.zero_stage,
+            writer=self.writer,
         )
+        self.report_written()  # the previous save, finished while this one waited for it
+        if self.writer is not None:
+            self.heartbeat.note(writing=result.tag)
         self.heartbeat.progress(self.step)
         if self.is_main:
+            self._log_saved(result, reason)
+
+    def _log_saved(self, result, reason: str) -> None:
+        mib = result.bytes / 2**20
+        if self.writer is None:
+            self.progress.write(f"checkpoint {result.tag} saved ({reason}) in {result.seconds:.1f}s, {mib:.1f} MiB")
+        else:
             self.progress.write(
-                f"checkpoint {result.tag} saved ({reason}) in {result.seconds:.1f}s, {result.bytes / 2**20:.1f} MiB"
+                f"checkpoint {result.tag} ({reason}): copied in {result.seconds:.1f}s ({mib:.1f} MiB), "
+                "writing in the background"
             )
-            self.tracker.log_metrics(
-                {"checkpoint_seconds": result.seconds, "checkpoint_mib": result.bytes / 2**20}, self.step
-            )
-            self.tracker.set_tags(
-                {
-                    "checkpoint.last_path": result.path,
-                    "checkpoint.last_step": self.step,
-                    "checkpoint.last_reason": reason,
-                }
-            )
+        self.tracker.log_metrics({"checkpoint_seconds": result.seconds, "checkpoint_mib": mib}, self.step)
+        self.tracker.set_tags(
+            {"checkpoint.last_path": result.path, "checkpoint.last_step": self.step, "checkpoint.last_reason": reason}
+        )
+
+    def report_written(self) -> None:
+        """Background saves that finished since the last look (rank 0: the checkpoint is complete)."""
+        if self.writer is None:
+            return
+        for written in self.writer.poll():
+            if not self.writer.in_flight():
+                self.heartbeat.note(writing=None)
+            if self.is_main:
+                self.progress.write(
+                    f"checkpoint {written.tag} complete: written in {written.seconds:.1f}s, "
+                    f"{written.bytes / 2**20:.1f} MiB from rank 0"
+                )
+                self.tracker.log_metrics({"checkpoint_write_seconds": written.seconds}, self.step)
+
+    def wait_for_writes(self) -> None:
+        """Collective: every rank's background save is done, and its marker written (stop, end of the run)."""
+        if self.writer is None:
+            return
+        self.heartbeat.progress(self.step, "saving")
+        self.writer.wait()
+        dist.barrier()
+        self.report_written()
+        self.heartbeat.progress(self.step)
 
     def stop_early(self, reason: str) -> int:
         """A checkpoint, then exit 3: the run is resumable, and MLflow says so (KILLED, tag run_state=stopped)."""
         self.save(f"stop: {reason}")
+        self.wait_for_writes()
         self.progress.close()
         self.tracker.set_tags({"run_state": "stopped", "stopped_reason": reason})
         self.tracker.finish("KILLED")
@@ -449,8 +494,10 @@ class Trainer:
         """Final evaluation and checkpoint, the stage's end hooks, then summary.json: the run is complete."""
         final = self.evaluate()
         self.log_eval(final)
+        self.wait_for_writes()  # every rank then sees the same complete tags
         if ckpt.latest_complete(self.run.checkpoints) != ckpt.tag_for(self.step):
             self.save("end")
+        self.wait_for_writes()  # the stage's end hooks read the final checkpoint (a fine-tune's export)
         self.progress.close()
         if self.is_main:
             for hook in self.hooks:
