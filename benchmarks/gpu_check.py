@@ -396,12 +396,12 @@ def to_markdown(report: dict) -> str:
                 if loop in step:
                     r = step[loop]
                     lines.append(
-                        f"| {part['model']} | {part['batch_size']} | {loop} | {r['images_per_s']:.0f} | "
-                        f"{r['step_ms']:.1f} | {100 * r['mfu']:.1f}% | {step['peak_tflops_measured']:.0f} |"
+                        f"| {part['model']} | {part['batch_size']} | {loop} | {r['images_per_s']:.1f} | "
+                        f"{r['step_ms']:.1f} | {100 * r['mfu']:.1f}% | {step['peak_tflops_measured']:.1f} |"
                     )
             wait = step["with_loader"]
             lines.append(
-                f"| {part['model']} | {part['batch_size']} | DeepSpeed (eager) + real loader | {wait['images_per_s']:.0f} | "
+                f"| {part['model']} | {part['batch_size']} | DeepSpeed (eager) + real loader | {wait['images_per_s']:.1f} | "
                 f"| data wait {100 * wait['data_wait_fraction']:.1f}% | |"
             )
     return "\n".join(lines) + "\n"
