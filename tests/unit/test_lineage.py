@@ -1,5 +1,5 @@
 """Data lineage: what the plan says a shard set is (name, digest, source, count), and that it reaches the journal as
-MLflow dataset inputs without the training thread waiting (the store side: tests/e2e/test_foreign_data.py)."""
+MLflow dataset inputs without the training thread waiting (the store side: tests/e2e/test_foreign_data_e2e.py)."""
 
 from __future__ import annotations
 
