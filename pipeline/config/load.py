@@ -59,7 +59,9 @@ def check_overrides(overrides: Sequence[str]) -> list[str]:
         values = [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")]
         shown = ", ".join(values[:3]) + (", ..." if len(values) > 3 else "")
         hint = ""
-        if len({re.sub(r"\d+", "#", v) for v in values}) == 1:  # what a shell makes of an unquoted brace pattern
+        numbers = re.compile(r"[-+]?[\d.]+(e[-+]?\d+)?", re.IGNORECASE)
+        expanded = len({re.sub(r"\d+", "#", v) for v in values}) == 1 and not numbers.fullmatch(values[0])
+        if expanded:  # what a shell makes of an unquoted brace pattern (paths differing in digits, not numbers)
             hint = (
                 f" A shell expands braces in unquoted words: quote the pattern, e.g. '{key}=x/train-{{0000..0007}}"
                 f'.tar\' (make ... ARGS="..." passes it unchanged)'

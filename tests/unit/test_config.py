@@ -100,6 +100,8 @@ def test_the_same_key_twice_is_refused_naming_it():
     shards = [f"data.train_shards=x/train-{i:04d}.tar" for i in range(8)]
     with pytest.raises(ConfigError, match=r"override data\.train_shards is given 8 times.*quote the pattern"):
         load_config(DEMO, shards)
+    with pytest.raises(ConfigError, match=r"optim\.lr is given 2 times \(1e-3, 2e-3\); give it once\.$"):
+        load_config(DEMO, ["optim.lr=1e-3", "optim.lr=2e-3"])  # two numbers: no talk of shell patterns
     with pytest.raises(ConfigError, match=r"run\.stage=finetune contradicts the command \(pretrain\)"):
         load_config(DEMO, ["run.stage=finetune"], stage="pretrain")
 
