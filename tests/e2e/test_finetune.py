@@ -172,9 +172,9 @@ def val_accuracy(model: torch.nn.Module, shards: Path, img_size: int) -> float:
     model.eval()
     correct = total = 0
     with torch.no_grad():
-        for images, labels, _, _ in data.val_batches():
-            correct += (model(normalize(images, training=False)).argmax(1) == labels).sum().item()
-            total += labels.numel()
+        for batch in data.val_batches():
+            correct += (model(normalize(batch.images, training=False)).argmax(1) == batch.labels).sum().item()
+            total += batch.labels.numel()
     assert total == 300
     return 100.0 * correct / total
 

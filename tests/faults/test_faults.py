@@ -274,7 +274,7 @@ def test_a_rank_killed_while_writing_a_checkpoint_falls_back_to_the_previous_one
     caught = None
     while caught is None and job.proc.poll() is None:
         beat = job.beat(0)
-        if beat.get("phase") == "saving":
+        if beat.get("phase") == "saving" and beat.get("step", 0) >= 2:  # a complete checkpoint to fall back to
             os.kill(beat["pid"], signal.SIGSTOP)
             tag_dir = job.run.checkpoints / f"step{beat['step']:08d}"
             if not (tag_dir / MARKER).exists():

@@ -309,7 +309,9 @@ start_munged() {
     fi
     chmod 600 "$MUNGE_KEY"
     log "starting munged (socket $MUNGE_SOCKET)"
-    munged --force --socket="$MUNGE_SOCKET" --key-file="$MUNGE_KEY" --pid-file="${PIDFILE[munged]}" \
+    # more threads than the default 2: a loaded 2-core machine answering sacct/squeue polls timed out munge
+    # ("If munged is up, restart with --num-threads=10"), then slurmctld marked node1 down as not responding
+    munged --force --num-threads=10 --socket="$MUNGE_SOCKET" --key-file="$MUNGE_KEY" --pid-file="${PIDFILE[munged]}" \
         --log-file="$LOG/munged.log" --seed-file="$MUNGE_DIR/munged.seed" \
         </dev/null >>"$LOG/munged.log" 2>&1 || { tail_logs; die "munged failed to start"; }
     wait_for 10 "munge socket" test -S "$MUNGE_SOCKET" || { tail_logs; die "munged did not come up"; }

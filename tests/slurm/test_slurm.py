@@ -27,8 +27,9 @@ PROFILE = "configs/cluster/local_test.yaml"
 
 
 def overrides(shards: Path, root: Path, name: str, *extra: str) -> list[str]:
-    """A tiny ViT on digits, ZeRO-2 fp32, 8 steps, checkpoint every 3, loss logged every step; 2 nodes x 1 task."""
-    return [
+    """A tiny ViT on digits, ZeRO-2 fp32, 8 steps, checkpoint every 3, loss logged every step; 2 nodes x 1 task;
+    ``extra`` overrides these."""
+    base = [
         f"data.train_shards={shards}/train-{{000000..000003}}.tar",
         f"data.val_shards={shards}/val-000000.tar",
         "data.batch_size=32",
@@ -53,8 +54,9 @@ def overrides(shards: Path, root: Path, name: str, *extra: str) -> list[str]:
         "launch.wait=true",
         f"run.root={root}",
         f"run.name={name}",
-        *extra,
     ]
+    given = {item.split("=", 1)[0] for item in extra}  # each key once: the CLI refuses a key given twice
+    return [item for item in base if item.split("=", 1)[0] not in given] + list(extra)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -136,6 +138,7 @@ def test_task_environment_from_the_job_environment(monkeypatch):
         "SLURM_JOB_NODELIST": "gpu[07-08]",
         "SLURM_RESTART_COUNT": "2",
         "SLURMD_NODENAME": "gpu08",
+        "SUBMITIT_EXECUTOR": "slurm",  # what submitit sets in every task it starts
     }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("MASTER_PORT", raising=False)
@@ -627,7 +630,8 @@ def test_scancel_leaves_a_resumable_run_that_says_how_to_resume(jobs):
     assert status["state"] == "CANCELLED" and f"run.name={run.dir.name}" in status["resume"]
     assert "checkpoint" in status["message"]
     (mlflow_run,) = run.mlflow_runs()
-    assert mlflow_run.info.status == "RUNNING"  # left open: the run continues
+    if tag == f"step{HANG_AT:08d}":  # the ranks saw SIGTERM and stopped cleanly: MLflow says so
+        assert mlflow_run.info.status == "KILLED" and mlflow_run.data.tags["run_state"] == "stopped"
 
     # the same command again, without launch.wait (submit and return), continues it
     resumed = Cli(
