@@ -216,8 +216,8 @@ class MaskedAutoencoder(nn.Module):
     ):
         """(loss, pred (B, N, p*p*C), mask (B, N) 1 = masked); the mask comes from ``generator`` or ``masking``.
         ``features=True``: the encoder's features instead (through ``forward``, so ZeRO-3 gathers parameters)."""
-        if features:
-            return vit_features(self.encoder, images)
+        if features:  # mean-pooled: MAE's loss never trains the cls token (k-NN on digits: 65% vs 53% with it)
+            return vit_features(self.encoder, images, "avg")
         if (generator is None) == (masking is None):
             raise ValueError("pass exactly one of generator (a fresh mask) or masking (a precomputed one)")
         if masking is None:
