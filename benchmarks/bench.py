@@ -568,6 +568,15 @@ def _speed_options(config, dev: torch.device) -> dict:
     }
 
 
+def _mae_line(m: dict) -> str:
+    return (
+        f"MAE step (mask {m['mask_ratio']}, decoder {m['decoder']}; FLOPs as done, the encoder on the "
+        f"visible tokens): {m['images_per_s']:.1f} images/s, {m['step_ms']:.1f} ms/step, "
+        f"{m['gflops_per_image_fwd_bwd']:.2f} GFLOP/image (fwd+bwd), {m['tflops']:.3f} TFLOP/s, "
+        f"MFU {100 * m['mfu']:.1f}%"
+    )
+
+
 def to_markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
@@ -619,13 +628,7 @@ def to_markdown(r: dict) -> str:
             f"measured matmul peak {s['peak_tflops_measured']:.3f} TFLOP/s",
         ]
         if "mae" in s:
-            m = s["mae"]
-            lines.append(
-                f"MAE step (mask {m['mask_ratio']}, decoder {m['decoder']}; FLOPs as done, the encoder on the "
-                f"visible tokens): {m['images_per_s']:.1f} images/s, {m['step_ms']:.1f} ms/step, "
-                f"{m['gflops_per_image_fwd_bwd']:.2f} GFLOP/image (fwd+bwd), {m['tflops']:.3f} TFLOP/s, "
-                f"MFU {100 * m['mfu']:.1f}%"
-            )
+            lines.append(_mae_line(s["mae"]))
         if "with_loader" in s:
             w = s["with_loader"]
             lines.append(

@@ -75,20 +75,9 @@ class MaskedImageModelling(Objective):
 
     def forward_flops(self, module: nn.Module, img_size: int, in_chans: int) -> Optional[int]:
         """Encoder on the visible tokens plus the decoder, as trained (MFU counts the FLOPs actually done)."""
-        from torch.utils.flop_counter import FlopCounterMode
+        from pipeline.tracking.telemetry import forward_flops_per_image
 
-        was_training = module.training
-        try:
-            param = next(module.parameters())
-            x = torch.zeros(1, in_chans, img_size, img_size, device=param.device, dtype=param.dtype)
-            module.eval()
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                module(x, generator=torch.Generator().manual_seed(0))
-            return int(counter.get_total_flops()) or None
-        except Exception:  # a model the counter cannot trace: no MFU, training goes on
-            return None
-        finally:
-            module.train(was_training)
+        return forward_flops_per_image(module, img_size, in_chans, generator=torch.Generator().manual_seed(0))
 
 
 def _mask_patch_size(model: nn.Module) -> int:
