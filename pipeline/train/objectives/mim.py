@@ -51,7 +51,7 @@ class MaskedImageModelling(Objective):
         else:
             wrapper = SimMIM(model, mask_ratio=self.ratio, mask_patch_size=o.mask_patch_size or _mask_patch_size(model))
         if self.config.deepspeed.zero_stage == 3:  # the encoder's own forward never runs: gather its tokens
-            from deepspeed.zero import register_external_parameter
+            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
             for param in wrapper.external_parameters():
                 register_external_parameter(wrapper, param)
