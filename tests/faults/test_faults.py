@@ -237,14 +237,11 @@ def test_sigint_to_the_launcher_alone_checkpoints_every_rank_and_mlflow_says_sto
     assert run.info.status == "KILLED" and run.data.tags["run_state"] == "stopped"
 
     again = Job(overrides(shards, tmp_path, "int", steps, "checkpoint.every_steps=0"), tmp_path, "int")
-    seen_running = False
-    while again.proc.poll() is None and not seen_running:
-        seen_running = client.get_run(run.info.run_id).info.status == "RUNNING"
-        time.sleep(0.3)
     assert again.wait() == 0, again.output()[-3000:]
-    assert seen_running, "a resumed run is RUNNING again in MLflow"
+    # (RUNNING in between is not polled for: the journal may deliver RUNNING and FINISHED in one batch)
     final = client.get_run(run.info.run_id)
     assert final.info.status == "FINISHED" and final.data.tags["run_state"] == "finished"
+    assert final.data.tags["restarts"] == "1", "the same MLflow run continued"
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
