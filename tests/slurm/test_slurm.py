@@ -483,7 +483,7 @@ def test_a_job_that_can_never_start_is_refused_before_it_is_submitted(slurm_clus
     )
     fitted = run_cli(*base, "launch.nodes=2", "--print-config", "run.name=fit", cwd=ROOT)
     assert fitted.returncode == 0 and "cpus_per_task: 4" in fitted.stdout, fitted.stderr[-3000:]
-    long = run_cli(*base, "launch.nodes=3", "run.name=three", cwd=ROOT)
+    long = run_cli(*base, "launch.nodes=3", "data.batch_size=96", "run.name=three", cwd=ROOT)  # 3 ranks divide it
     assert long.returncode == 2 and "has 2 such node(s)" in long.stderr
 
 
