@@ -78,7 +78,7 @@ class Trainer:
         self.config, self.run, self.env, self.hooks = config, run, env, list(hooks)
         self.is_main = env.rank == 0
         self.stop = StopFlag()
-        self.fault = Fault.from_environ(env.rank)
+        self.fault = Fault.from_environ(env.rank, env.attempt)
         self.dev, self.dtype = device(), compute_dtype(config)
         self.step = 0
         self.resume_tag = ckpt.latest_complete(run.checkpoints)

@@ -340,7 +340,9 @@ class Run:
 
 
 def hang_env() -> dict:
-    return {"VITPIPE_FAULT": f"rank=0,step={HANG_AT},action=hang"}
+    """Rank 0 holds at step HANG_AT in the first attempt only: an attempt resumed from an earlier checkpoint trains
+    through HANG_AT again and must not hold there (its peers would wait out the collective timeout)."""
+    return {"VITPIPE_FAULT": f"rank=0,step={HANG_AT},action=hang,attempt=0"}
 
 
 @pytest.fixture(scope="module")
