@@ -26,7 +26,8 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --locked --no-sync python
 LAUNCH_ARGS = $(if $(NPROC),launch.nproc=$(NPROC))
-DEMO_SHARDS := data/digits/manifest.json
+# the demo's shards: digits with labels, and the same train split without (self-supervised pretraining)
+DEMO_SHARDS := data/digits/manifest.json data/digits_unlabeled/manifest.json
 
 .PHONY: setup pretrain finetune pipeline shards test test-fast lint ui bench
 
@@ -40,8 +41,11 @@ setup: .venv/.synced
 	$(UV) sync --locked
 	@touch $@
 
-$(DEMO_SHARDS): | setup
+data/digits/manifest.json: | setup
 	$(RUN) -m pipeline shards --source digits --out data/digits
+
+data/digits_unlabeled/manifest.json: | setup
+	$(RUN) -m pipeline shards --source digits --unlabeled --out data/digits_unlabeled
 
 shards: setup
 	$(RUN) -m pipeline shards $(or $(SHARDS_ARGS),--source digits --out data/digits)

@@ -379,6 +379,58 @@ def bench_data_wait(config, plan, model, steps: int) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
+def mae_step(config):
+    """One DeepSpeed step of MAE as the objective trains it: the encoder on the visible quarter of the tokens,
+    the decoder (``objective.decoder_*``) on all of them; returns (step, FLOPs per image fwd+bwd)."""
+    import copy
+
+    from pipeline.model.factory import create_model
+    from pipeline.train.objectives import StepContext
+    from pipeline.train.objectives.mim import MaskedImageModelling
+
+    mae = copy.deepcopy(config)
+    mae.objective.name = "mae"
+    dev, dtype = device(), compute_dtype(mae)
+    torch.manual_seed(0)
+    objective = MaskedImageModelling(mae)
+    module = objective.wrap(create_model(mae.model, 0))
+    flops = 3.0 * (objective.forward_flops(module, mae.model.img_size or 224, mae.model.in_chans) or 0)
+    engine = create_engine(module, make_optimizer(module, mae, dev), mae, 1)
+    images, _ = _synthetic(mae, dev, dtype)
+    accum, count = mae.optim.grad_accum_steps, [0]
+
+    def step() -> tuple[float, float]:
+        _sync(dev)
+        t0 = time.perf_counter()
+        for micro in range(accum):
+            ctx = StepContext(count[0], micro, 0, mae.run.seed, dtype, dev)
+            engine.backward(objective.loss(engine, images, None, ctx))
+            if micro < accum - 1:
+                engine.step()
+        _sync(dev)
+        t1 = time.perf_counter()
+        engine.step()
+        count[0] += 1
+        _sync(dev)
+        return t1 - t0, time.perf_counter() - t1
+
+    return step, flops
+
+
+def bench_mae_step(config, steps: int, warmup: int, rounds: int, peak: float) -> dict:
+    step, flops = mae_step(config)
+    timer = StepTimer("mae", step)
+    interleaved([timer], steps, warmup, rounds)
+    row = timer.row(config.data.batch_size)
+    row["gflops_per_image_fwd_bwd"] = flops / 1e9
+    row["tflops"] = row["images_per_s"] * flops / 1e12
+    row["mfu"] = row["tflops"] / peak if peak else 0.0
+    o = config.objective
+    row["decoder"] = f"{o.decoder_depth} x {o.decoder_dim}, {o.decoder_heads} heads"
+    row["mask_ratio"] = o.mask_ratio or 0.75
+    return row
+
+
 def run(config, args) -> dict:
     from pipeline.data.plan import plan_data
     from pipeline.model.factory import create_model
@@ -414,6 +466,9 @@ def run(config, args) -> dict:
         results["loader"] = bench_loader(config, plan, img_size, args.loader_images, args.rounds)
     if not args.skip_step:
         results["step"] = bench_step(config, img_size, args.steps, args.warmup, args.rounds)
+        if config.model.name.startswith(("vit_", "deit_")):
+            peak = results["step"]["peak_tflops_measured"]
+            results["step"]["mae"] = bench_mae_step(config, args.steps, args.warmup, args.rounds, peak)
         if not args.skip_loader:
             torch.manual_seed(0)
             results["step"]["with_loader"] = bench_data_wait(
@@ -513,6 +568,15 @@ def _speed_options(config, dev: torch.device) -> dict:
     }
 
 
+def _mae_line(m: dict) -> str:
+    return (
+        f"MAE step (mask {m['mask_ratio']}, decoder {m['decoder']}; FLOPs as done, the encoder on the "
+        f"visible tokens): {m['images_per_s']:.1f} images/s, {m['step_ms']:.1f} ms/step, "
+        f"{m['gflops_per_image_fwd_bwd']:.2f} GFLOP/image (fwd+bwd), {m['tflops']:.3f} TFLOP/s, "
+        f"MFU {100 * m['mfu']:.1f}%"
+    )
+
+
 def to_markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
@@ -563,6 +627,8 @@ def to_markdown(r: dict) -> str:
             + f" · {s['gflops_per_image_fwd_bwd']:.2f} GFLOP/image (fwd+bwd) · "
             f"measured matmul peak {s['peak_tflops_measured']:.3f} TFLOP/s",
         ]
+        if "mae" in s:
+            lines.append(_mae_line(s["mae"]))
         if "with_loader" in s:
             w = s["with_loader"]
             lines.append(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import FROM_SCRATCH, Config, ConfigError
 from pipeline.data.plan import DataError
 from pipeline.rundir import EXIT_RESUMABLE, RunDir, choose_run_dir
 
@@ -71,7 +71,7 @@ def prepare(request: StageRequest, resolve_weights: bool = True) -> tuple[Config
     plan = plan_data(config, config.world_size)
     for note in plan.notes:  # e.g. what indexing the shards found
         print(note, file=sys.stderr)
-    if config.model.num_classes is None:
+    if config.model.num_classes is None and config.objective.name == "supervised":
         if not plan.num_classes:
             raise ConfigError(
                 "model.num_classes is unset: no manifest.json or classes.json names the classes and the shards "
@@ -84,7 +84,9 @@ def prepare(request: StageRequest, resolve_weights: bool = True) -> tuple[Config
     check_model(config.model)
     family = Path(request.config_path).stem
     config.tracking.experiment = config.tracking.experiment or family
-    if request.stage == "finetune":
+    if request.stage == "finetune" and (request.pretrained or config.finetune.pretrained) == FROM_SCRATCH:
+        _from_scratch(config)
+    elif request.stage == "finetune":
         config.finetune.register_as = (
             config.finetune.register_as if config.finetune.register_as is not None else f"{family}-finetuned"
         )
@@ -95,6 +97,15 @@ def prepare(request: StageRequest, resolve_weights: bool = True) -> tuple[Config
         else:
             config.finetune.pretrained = request.pretrained
     return config, family
+
+
+def _from_scratch(config: Config) -> None:
+    """``PRETRAINED=none``: the fine-tune recipe from random init, the baseline a pretraining is measured
+    against; not registered as a model unless finetune.register_as says so."""
+    config.finetune.pretrained, config.finetune.weights = FROM_SCRATCH, None
+    if config.finetune.register_as is None:
+        config.finetune.register_as = ""
+    print("pretrained: none (random init: the from-scratch baseline of this recipe)", file=sys.stderr)
 
 
 def open_run(config: Config, family: str) -> tuple[RunDir, bool, Optional[str]]:

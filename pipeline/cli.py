@@ -32,7 +32,8 @@ def _train_parser(stage: str, sub) -> None:
             "--pretrained",
             default=None,
             help="run dir, checkpoint dir or MLflow run id of a pretraining run "
-            "(default: the latest finished pretraining run of the same config family)",
+            "(default: the latest finished pretraining run of the same config family); "
+            "'none': random init, the recipe's from-scratch baseline",
         )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value")

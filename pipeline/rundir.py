@@ -161,6 +161,7 @@ class RunsRoot:
     mlflow_db = property(lambda self: self.path / "mlflow.db")
     mlartifacts = property(lambda self: self.path / "mlartifacts")
     pretrained_cache = property(lambda self: self.path / "pretrained")
+    subsets = property(lambda self: self.path / "subsets")  # data.train_subset: the chosen keys, per shard set
     bench = property(lambda self: self.path / "bench")
     shard_index = property(lambda self: self.path / "shard-index")
 

@@ -45,12 +45,20 @@ def srun_reports(log: Path) -> list[tuple[str, int, str]]:
 
 def cause_of_failure(run: RunDir, log: Path, world_size: int, attempt: int) -> tuple[int, str, Optional[int], str]:
     """(rank, node, step, cause): a hang the watchdog named (srun then kills the hung rank itself), then a rank srun
-    saw die of a signal, then the first rank that raised (the others' errors follow from it), then whatever srun
-    said first."""
+    saw die of a signal before it raised anything (srun kills the ranks left after the first failure: those had
+    said "failed" in their heartbeat already), then the rank that raised first (the others' errors follow from
+    it), then whatever srun said first."""
     status = read_status(run.slurm)
     beats = read_beats(run.heartbeats, world_size, since=0)
     reports = srun_reports(log)
-    killed = [(n, t, w) for n, t, w in reports if SIGNALS.get(w, "SIGTERM") != "SIGTERM"]
+    raised = sorted(
+        (float(b["failed_at"]), r)
+        for r, b in beats.items()
+        if b.get("phase") == "failed" and "failed_at" in b and int(b.get("attempt", attempt)) == attempt
+    )
+    killed = [
+        (n, t, w) for n, t, w in reports if SIGNALS.get(w, "SIGTERM") != "SIGTERM" and t not in {r for _, r in raised}
+    ]
     this_attempt = status.get("state") == "FAILED" and status.get("attempt") == attempt and "failed_rank" in status
     if this_attempt and str(status.get("error", "")).startswith("hang:"):
         rank = int(status["failed_rank"])
@@ -60,6 +68,10 @@ def cause_of_failure(run: RunDir, log: Path, world_size: int, attempt: int) -> t
         signame = SIGNALS[what]
         hint = f" ({SIGKILL_HINT})" if signame == "SIGKILL" else ""
         return task, node, beats.get(task, {}).get("step"), f"killed by {signame}{hint}"
+    if raised:
+        rank = raised[0][1]
+        beat = beats[rank]
+        return rank, beat.get("node", "?"), beat.get("step"), beat.get("error", "?")
     if this_attempt:
         rank = int(status["failed_rank"])
         beat = beats.get(rank, {})

@@ -2,6 +2,7 @@
 
 from pipeline.config.load import check_overrides, flatten, from_yaml_file, load_config, to_dict, to_yaml
 from pipeline.config.schema import (
+    FROM_SCRATCH,
     AugmentConfig,
     CheckpointConfig,
     Config,
@@ -20,6 +21,7 @@ from pipeline.config.schema import (
 )
 
 __all__ = [
+    "FROM_SCRATCH",
     "AugmentConfig",
     "CheckpointConfig",
     "Config",

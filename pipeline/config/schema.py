@@ -38,6 +38,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 # resampling modes of pipeline/model/adapt.py (F.interpolate modes that make sense on a 2-D grid)
 POS_EMBED_METHODS = ("bicubic", "bilinear", "nearest", "nearest-exact")
 REL_POS_METHODS = POS_EMBED_METHODS + ("geometric",)
+OBJECTIVES = ("supervised", "mae", "simmim")
 TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -74,6 +75,8 @@ class DataConfig:
     # global batch takes batch_size / streams samples from each stream, so it is the same set of samples on any
     # number of ranks and loader workers (a run may resume on another world size that divides it).
     streams: Optional[int] = None
+    # Train on this many labelled samples only, class-balanced and deterministic (few-label fine-tuning, e.g. 150)
+    train_subset: Optional[int] = None
     record_keys: bool = False  # write each step's sample keys to <run>/keys/ (audits, the elastic-resume test)
     shuffle_buffer: int = 1000  # samples held for shuffling within each worker
     prefetch_factor: int = 4
@@ -87,6 +90,8 @@ class DataConfig:
         _all_positive("data", self, "num_workers shard_retries", allow_zero=True)
         if self.streams is not None:
             positive("data.streams", self.streams)
+        if self.train_subset is not None:
+            positive("data.train_subset", self.train_subset)
         if self.resampled and not self.samples_per_epoch:
             raise ConfigError("data.resampled=true needs data.samples_per_epoch (how many samples make an epoch)")
 
@@ -154,6 +159,37 @@ class ModelConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What pretraining optimises (pipeline/train/objectives/): supervised classification, or masked-image
+    modelling on unlabelled shards: MAE (ViT) or SimMIM (ViT, Swin)."""
+
+    name: str = "supervised"  # supervised | mae | simmim
+    mask_ratio: Optional[float] = None  # None: 0.75 (MAE) / 0.6 (SimMIM)
+    norm_pix_loss: bool = True  # MAE: each patch's target normalised by its own mean and variance
+    decoder_dim: int = 512  # MAE decoder (the ViT-B recipe: 8 blocks x 512 wide, 16 heads)
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    mask_patch_size: Optional[int] = None  # SimMIM: None: input / 6 (its 32 px at 192), a multiple of the stride
+    knn_k: int = 20  # evaluation: DINO-style weighted k-NN top-1 on val features (val labels needed)
+    knn_temperature: float = 0.07
+    pictures: int = 8  # val images in the original / masked / reconstructed picture of each eval (0: none)
+
+    def check(self) -> None:
+        one_of("objective.name", self.name, OBJECTIVES)
+        if self.mask_ratio is not None and not 0 < self.mask_ratio < 1:
+            raise ConfigError(f"objective.mask_ratio={self.mask_ratio} must be in (0, 1), e.g. 0.75 (MAE)")
+        _all_positive("objective", self, "decoder_dim decoder_depth decoder_heads knn_k knn_temperature")
+        positive("objective.pictures", self.pictures, allow_zero=True)
+        if self.mask_patch_size is not None:
+            positive("objective.mask_patch_size", self.mask_patch_size)
+        if self.decoder_dim % self.decoder_heads:
+            raise ConfigError(
+                f"objective.decoder_dim={self.decoder_dim} must be divisible by "
+                f"objective.decoder_heads={self.decoder_heads}"
+            )
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate for the global batch
     min_lr: float = 1e-6
@@ -181,11 +217,15 @@ class OptimConfig:
             raise ConfigError(f"optim.ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.999; unset disables EMA")
 
 
+FROM_SCRATCH = "none"  # finetune.pretrained / PRETRAINED: the recipe from random init
+
+
 @dataclass
 class FinetuneConfig:
     """Stage finetune: where the weights come from and how they are adapted (pipeline/finetune.py)."""
 
-    pretrained: Optional[str] = None  # run dir | checkpoint dir | MLflow run id; --pretrained sets it
+    # run dir | checkpoint dir | MLflow run id; --pretrained sets it; "none": random init (the from-scratch baseline)
+    pretrained: Optional[str] = None
     pos_embed_method: str = "bicubic"  # resampling of ViT pos_embed / Swin tables (pipeline/adapt.py)
     antialias: bool = False  # False: the MAE/DeiT fine-tune convention (see adapt.resample_pos_embed)
     rel_pos_method: Optional[str] = None  # Swin bias tables; None: pos_embed_method; "geometric": timm's resize
@@ -331,6 +371,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -355,6 +396,7 @@ class Config:
             self.data,
             self.augment,
             self.model,
+            self.objective,
             self.optim,
             self.finetune,
             self.deepspeed,
@@ -369,7 +411,36 @@ class Config:
                 "optim.ema_decay needs every rank to hold the whole model; ZeRO-3 partitions it. "
                 "Use deepspeed.zero_stage 0, 1 or 2 with EMA, or unset optim.ema_decay"
             )
+        check_objective_combinations(self)
         check_batch(self, self.world_size)
+
+
+def check_objective_combinations(config: Config) -> None:
+    """What a masked-image-modelling objective cannot be combined with, each named."""
+    name, model = config.objective.name, config.model.name
+    if name == "supervised":
+        return
+    if name == "mae" and not model.startswith(("vit_", "deit_")):
+        raise ConfigError(
+            f"objective.name=mae needs a ViT (model.name=vit_*); {model} is not one. For Swin use objective.name=simmim"
+        )
+    if name == "simmim" and not model.startswith(("vit_", "deit_", "swin")):
+        raise ConfigError(f"objective.name=simmim needs a ViT or a Swin (model.name=vit_* or swin*), not {model}")
+    a = config.augment
+    for key, value in (
+        ("augment.mixup", a.mixup),
+        ("augment.cutmix", a.cutmix),
+        ("augment.label_smoothing", a.label_smoothing),
+    ):
+        if value:
+            raise ConfigError(
+                f"{key}={value} mixes or smooths labels, which objective.name={name} has none of; set {key}=0"
+            )
+    if config.run.stage == "finetune":
+        raise ConfigError(
+            f"objective.name={name} is a pretraining objective; a fine-tune is supervised "
+            f"(leave objective.name out of the fine-tune config)"
+        )
 
 
 def check_batch(config: Config, world_size: int) -> None:

@@ -59,6 +59,7 @@ class RankData:
             num_classes=self.num_classes,
             read=read_policy(d),
             shard_counts=self.plan.train_counts,
+            keep_keys=plan.subset,
         )
 
     def train_batches(self, start_step: int = 0) -> Iterator[Batch]:

@@ -27,19 +27,21 @@ def manifest_path(path_or_dir: str | os.PathLike) -> Path:
 def write_manifest(
     out_dir: Path,
     *,
-    classes: list[str],
+    classes: Optional[list[str]],
     image_format: str,
     splits: dict[str, dict],
     source: str,
     settings: dict[str, Any],
     extra: Optional[dict[str, Any]] = None,
 ) -> Path:
-    """Write manifest.json atomically and durably; call only after every shard is in place."""
+    """Write manifest.json atomically and durably; call only after every shard is in place. ``classes=None``
+    marks unlabelled shards (``labeled: false``, no classes): nothing can build a classifier from them."""
+    labels = {"labeled": False} if classes is None else {
+        "labeled": True, "classes": list(classes), "num_classes": len(classes)}  # fmt: skip
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
-        "classes": list(classes),
-        "num_classes": len(classes),
+        **labels,
         "image_format": image_format,
         "splits": splits,
         "source": source,

@@ -136,6 +136,7 @@ class DataPlan:
     datasets: list[dict] = field(default_factory=list)  # lineage records (pipeline/data/lineage.py)
     notes: list[str] = field(default_factory=list)  # what the CLI tells the user (indexing)
     streams: int = 1  # canonical sample streams of the training data (resolve_streams)
+    subset: Optional[frozenset] = None  # data.train_subset: the keys trained on (pipeline/data/subset.py)
 
 
 def plan_data(config, world_size: int, *, build_index: bool = True) -> DataPlan:
@@ -146,7 +147,16 @@ def plan_data(config, world_size: int, *, build_index: bool = True) -> DataPlan:
     val = expand_shards(d.val_shards, "data.val_shards") if d.val_shards else []
     streams = resolve_streams(d.streams, len(train), d.batch_size, world_size, d.resampled)  # cheap: before indexing
     facts = describe_shards(config, train, val, build_index)
+    if facts.unlabeled and config.objective.name == "supervised":
+        raise DataError(
+            "data.train_shards hold no labels (no .cls; the shards were written unlabelled): a supervised "
+            "run needs them. Pretrain with objective.name=mae or simmim, or point data.train_shards at "
+            "labelled shards"
+        )
     train_samples = d.train_samples or (sum(facts.train_counts) if facts.train_counts is not None else None)
+    subset = _subset(config, train, facts)
+    if subset is not None:
+        train_samples = len(subset)
     if not train_samples and not d.samples_per_epoch:
         raise DataError(
             "data.train_samples is unknown: no manifest.json lists these shards; set "
@@ -166,8 +176,20 @@ def plan_data(config, world_size: int, *, build_index: bool = True) -> DataPlan:
         )
     return DataPlan(
         train, val, int(train_samples or per_epoch), val_samples, facts.classes, steps, facts.num_classes,
-        tuple(facts.train_counts or ()), tuple(facts.val_counts or ()), datasets, facts.notes, streams,
+        tuple(facts.train_counts or ()), tuple(facts.val_counts or ()), datasets, facts.notes, streams, subset,
     )  # fmt: skip
+
+
+def _subset(config, train: list[str], facts) -> Optional[frozenset]:
+    """data.train_subset's keys (chosen once, cached), or None; refused for unlabelled shards."""
+    if not config.data.train_subset:
+        return None
+    from pipeline.data.subset import SubsetError, maybe_subset
+
+    try:
+        return maybe_subset(config, train)
+    except SubsetError as exc:
+        raise DataError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,6 +211,7 @@ class ShardFacts:
     counted_by: dict[str, str]
     entries: dict[str, dict] = field(default_factory=dict)  # shard index entries, where used
     notes: list[str] = field(default_factory=list)
+    unlabeled: bool = False  # the train shards carry no .cls (a manifest's labeled: false, or the index saw none)
 
     def lineage_args(self, split: str) -> tuple:
         return self.counted_by[split], self.entries, self.classes or self.num_classes
@@ -205,6 +228,7 @@ def describe_shards(config, train: list[str], val: list[str], build_index: bool 
     num_classes = config.model.num_classes or (len(classes) if classes else None)
     by = {"train": "manifest" if train_counts else "config", "val": "manifest" if val_counts else "none"}
     facts = ShardFacts(train_counts, val_counts, classes, num_classes, by)
+    facts.unlabeled = bool(manifest) and manifest.get("labeled") is False
     to_index = (train if train_counts is None else []) + (val if val_counts is None else [])
     if not to_index:
         return facts
@@ -221,6 +245,10 @@ def describe_shards(config, train: list[str], val: list[str], build_index: bool 
             f"{key}: {exc}; fix the path, URL or command, or set data.train_samples and model.num_classes to skip indexing"
         ) from None
     _use_index(facts, result, train, val)
+    scanned = [result.entries[u] for u in train if (result.entries.get(u) or {}).get("source") == "tar"]
+    facts.unlabeled = facts.unlabeled or (
+        bool(scanned) and len(scanned) == len(train) and not any(e.get("labeled") for e in scanned)
+    )
     where = f"model.num_classes={config.model.num_classes}" if config.model.num_classes else classes_from
     _check_labels({"data.train_shards": train, "data.val_shards": val}, result.entries, facts.num_classes, where)
     if result.entries:

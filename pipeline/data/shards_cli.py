@@ -11,6 +11,7 @@ from pipeline.data.manifest import MANIFEST_NAME, read_manifest
 from pipeline.data.sources import (
     _digits_settings,
     _find_classes,
+    _image_files,
     _imagefolder_settings,
     write_digits,
     write_imagefolder,
@@ -72,6 +73,12 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["png", "jpg"],
         default=None,
         help="image encoding in the shards (default: png for digits, jpg otherwise)",
+    )
+    p.add_argument(
+        "--unlabeled",
+        action="store_true",
+        help="write no labels (.cls), for self-supervised pretraining: digits; a directory is unlabelled exactly "
+        "when it has no class subdirectories (its own images are written)",
     )
     p.add_argument(
         "--force", action="store_true", help="rewrite even if a complete manifest with the same settings exists"
@@ -143,14 +150,23 @@ def _validated_settings(args: argparse.Namespace) -> tuple[str, Path, dict[str, 
             200 if args.samples_per_shard is None else args.samples_per_shard,
             32 if args.image_size is None else args.image_size,
             args.image_format or "png",
+            args.unlabeled,
         )
         return "digits", out, settings
 
     src = Path(args.source)
     if not src.is_dir():
         raise _UsageError(f"--source must be 'digits' or an existing ImageFolder directory (not found: {src})")
-    if not _find_classes(src):
-        raise _UsageError(f"--source {src}: no class subdirectories found (expected {src}/<class_name>/<images>)")
+    classes = _find_classes(src)
+    if not classes and not _image_files(src, recursive=False):
+        raise _UsageError(
+            f"--source {src}: no class subdirectories and no images found (expected "
+            f"{src}/<class_name>/<images>, or images directly in {src} for unlabelled shards)"
+        )
+    if classes and args.unlabeled:
+        raise _UsageError(
+            f"--unlabeled: {src} has class subdirectories; a directory is unlabelled when its images sit directly in it"
+        )
     if args.image_size is not None:
         raise _UsageError("--image-size applies only to --source digits; use --max-side for ImageFolder sources")
     if args.out is None:
@@ -162,6 +178,7 @@ def _validated_settings(args: argparse.Namespace) -> tuple[str, Path, dict[str, 
         1000 if args.samples_per_shard is None else args.samples_per_shard,
         args.max_side,
         args.image_format or "jpg",
+        unlabeled=not classes,
     )
     return "imagefolder", Path(args.out), settings
 
@@ -194,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples_per_shard=settings["samples_per_shard"],
                 image_size=settings["image_size"],
                 image_format=settings["image_format"],
+                unlabeled=args.unlabeled,
             )
         else:
             manifest_path = write_imagefolder(

@@ -41,7 +41,14 @@ def _check_fraction(val_fraction: float) -> float:
 # --------------------------------------------------------------------------
 
 
-def _digits_settings(val_fraction, seed, samples_per_shard, image_size, image_format) -> dict[str, Any]:
+def _unlabeled_setting(unlabeled: bool) -> dict[str, Any]:
+    """Only unlabelled output records it, so existing labelled manifests stay up to date."""
+    return {"labeled": False} if unlabeled else {}
+
+
+def _digits_settings(
+    val_fraction, seed, samples_per_shard, image_size, image_format, unlabeled=False
+) -> dict[str, Any]:
     return {
         "source": DIGITS_SOURCE,
         "val_fraction": float(val_fraction),
@@ -49,6 +56,7 @@ def _digits_settings(val_fraction, seed, samples_per_shard, image_size, image_fo
         "samples_per_shard": int(samples_per_shard),
         "image_size": int(image_size),
         "image_format": normalize_format(image_format),
+        **_unlabeled_setting(unlabeled),
     }
 
 
@@ -60,11 +68,14 @@ def write_digits(
     samples_per_shard: int = 200,
     image_size: int = 32,
     image_format: str = "png",
+    unlabeled: bool = False,
 ) -> Path:
     """Shard scikit-learn's digits (8x8, values 0..16) as image_size^2 grayscale.
 
     The split is stratified and seeded so every run gives the same train/val
     sets; train order is shuffled (seeded) so each shard mixes all classes.
+    ``unlabeled=True`` writes the same images in the same splits without
+    ``.cls``, so pretraining on its train split never sees a val image.
     Returns the manifest path.
     """
     import numpy as np
@@ -74,7 +85,7 @@ def write_digits(
     val_fraction = _check_fraction(val_fraction)
     if int(image_size) < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
-    settings = _digits_settings(val_fraction, seed, samples_per_shard, image_size, image_format)
+    settings = _digits_settings(val_fraction, seed, samples_per_shard, image_size, image_format, unlabeled)
     ext = settings["image_format"]
 
     digits = load_digits()
@@ -93,8 +104,9 @@ def write_digits(
             i = int(i)
             img = Image.fromarray(images[i])  # 2-D uint8 -> mode "L"
             img = img.resize((image_size, image_size), Image.BICUBIC)
-            label = int(labels[i])
-            yield f"digits_{i:04d}", img, label, {"source": DIGITS_SOURCE, "index": i, "class_name": str(label)}
+            label = None if unlabeled else int(labels[i])
+            meta = {"source": DIGITS_SOURCE, "index": i, **({} if unlabeled else {"class_name": str(label)})}
+            yield f"digits_{i:04d}", img, label, meta
 
     out = begin_output(out_dir)
     specs = [
@@ -103,7 +115,7 @@ def write_digits(
     ]
     return write_manifest(
         out,
-        classes=[str(c) for c in range(10)],
+        classes=None if unlabeled else [str(c) for c in range(10)],
         image_format=ext,
         splits=_splits(specs),
         source=DIGITS_SOURCE,
@@ -116,7 +128,9 @@ def write_digits(
 # --------------------------------------------------------------------------
 
 
-def _imagefolder_settings(src_dir, val_fraction, seed, samples_per_shard, max_side, image_format) -> dict[str, Any]:
+def _imagefolder_settings(
+    src_dir, val_fraction, seed, samples_per_shard, max_side, image_format, unlabeled=False
+) -> dict[str, Any]:
     return {
         "source": str(Path(src_dir).resolve()),
         "val_fraction": float(val_fraction),
@@ -124,7 +138,17 @@ def _imagefolder_settings(src_dir, val_fraction, seed, samples_per_shard, max_si
         "samples_per_shard": int(samples_per_shard),
         "max_side": None if max_side is None else int(max_side),
         "image_format": normalize_format(image_format),
+        **_unlabeled_setting(unlabeled),
     }
+
+
+def _image_files(folder: Path, recursive: bool = True) -> list[Path]:
+    """Sorted non-hidden image files in folder (and below it when recursive)."""
+    return sorted(
+        p
+        for p in (folder.rglob("*") if recursive else folder.iterdir())
+        if p.is_file() and p.suffix.lower() in IMAGE_FILE_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def _find_classes(root: Path) -> list[str]:
@@ -149,18 +173,17 @@ def _key_for(rel: Path, used: set[str]) -> str:
 
 
 def _split_imagefolder(root: Path, classes: list[str], val_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, val) lists of (key, path, label, class name): stratified, seeded, train order shuffled."""
+    """(train, val) lists of (key, path, label, class name): stratified, seeded, train order shuffled. Without
+    class folders: one unlabelled group (label None), the images directly in ``root``."""
     used_keys: set[str] = set()
-    train: list[tuple[str, Path, int, str]] = []
-    val: list[tuple[str, Path, int, str]] = []
-    for label, name in enumerate(classes):
-        files = sorted(
-            p
-            for p in (root / name).rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_FILE_SUFFIXES and not p.name.startswith(".")
-        )
+    train: list[tuple[str, Path, int | None, str]] = []
+    val: list[tuple[str, Path, int | None, str]] = []
+    groups = [(i, name, root / name) for i, name in enumerate(classes)] or [(None, "", root)]
+    for label, name, folder in groups:
+        files = _image_files(folder, recursive=label is not None)
         if not files:
-            log.warning("class %r has no image files in %s", name, root / name)
+            if label is not None:
+                log.warning("class %r has no image files in %s", name, folder)
             continue
         items = [(_key_for(p.relative_to(root), used_keys), p, label, name) for p in files]
         n_val = 0
@@ -170,6 +193,11 @@ def _split_imagefolder(root: Path, classes: list[str], val_fraction: float, seed
             n_val = min(int(len(items) * val_fraction + 0.5), len(items) - 1)
         val.extend(sorted(items[:n_val], key=lambda t: t[1]))
         train.extend(items[n_val:])
+    if not train and not classes:
+        raise ValueError(
+            f"no class subdirectories and no image files found in {root} (expected "
+            f"{root}/<class_name>/<images>, or images directly in {root} for unlabelled shards)"
+        )
     if not train:
         raise ValueError(f"no image files ({', '.join(sorted(IMAGE_FILE_SUFFIXES))}) found under {root}")
     train.sort(key=lambda t: t[1])
@@ -189,7 +217,7 @@ def _readable(root: Path, items, skipped: list[str]) -> Iterator[tuple[str, byte
             log.warning("skipping unreadable image %s: %s", path, exc)
             skipped.append(rel)
             continue
-        yield key, raw, label, {"source": rel, "class_name": name}
+        yield key, raw, label, {"source": rel} if label is None else {"source": rel, "class_name": name}
 
 
 def write_imagefolder(
@@ -205,7 +233,9 @@ def write_imagefolder(
     """Shard ``src_dir/<class_name>/<images>``; returns the manifest path.
 
     Class indices follow sorted subdirectory names (the torchvision
-    ImageFolder convention).  With ``val_fraction > 0`` each class is split
+    ImageFolder convention).  A folder with no class subdirectories is
+    unlabelled: its own image files are written without ``.cls`` and the
+    manifest says ``labeled: false``.  With ``val_fraction > 0`` each class is split
     separately with a seeded shuffle, so the split is stratified and stable.
     Train order is shuffled (seeded) so shards are class-mixed.  Files that
     PIL cannot open and fully decode are skipped with a warning and counted
@@ -215,11 +245,11 @@ def write_imagefolder(
     if not root.is_dir():
         raise FileNotFoundError(f"source directory not found: {root}")
     val_fraction = _check_fraction(val_fraction)
-    settings = _imagefolder_settings(root, val_fraction, seed, samples_per_shard, max_side, image_format)
-    ext = settings["image_format"]
     classes = _find_classes(root)
-    if not classes:
-        raise ValueError(f"no class subdirectories found in {root} (expected {root}/<class_name>/<images>)")
+    settings = _imagefolder_settings(
+        root, val_fraction, seed, samples_per_shard, max_side, image_format, unlabeled=not classes
+    )
+    ext = settings["image_format"]
 
     train, val = _split_imagefolder(root, classes, val_fraction, seed)
     skipped: list[str] = []
@@ -241,7 +271,7 @@ def write_imagefolder(
         log.warning("skipped %d unreadable image file(s) under %s", len(skipped), root)
     return write_manifest(
         out,
-        classes=classes,
+        classes=classes or None,
         image_format=ext,
         splits=_splits(specs),
         source=settings["source"],

@@ -30,6 +30,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -93,6 +94,7 @@ class StreamSpec:
     num_classes: int = 0  # labels must be below this (0: unchecked)
     read: ReadPolicy = ReadPolicy()  # retries and timeouts of remote shards
     shard_counts: tuple[int, ...] = ()  # samples per shard (manifest or index), sizes what a lost shard costs
+    keep_keys: Optional[frozenset] = None  # training: only these sample keys (data.train_subset)
 
     def rank_streams(self) -> range:
         per_rank = self.streams // self.world
@@ -148,6 +150,8 @@ class ShardStream(IterableDataset):
         read = [0]  # samples read so far: a pass over the stream's shards that yields none is an error, not a hang
         expected = dict(zip(s.shards, s.shard_counts)) if s.shard_counts else None
         samples = shard_samples(self._train_urls(epoch, stream, read, counter), counter.lost, s.read, expected)
+        if s.keep_keys is not None:  # data.train_subset: the other samples are passed over before decoding
+            samples = (sample for sample in samples if sample.get("__key__") in s.keep_keys)
         raw = self._shuffled(_counted(samples, read), derive_seed(s.seed, epoch, stream, -2))
         for index, sample in enumerate(raw):
             if index >= skip:

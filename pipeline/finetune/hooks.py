@@ -6,6 +6,7 @@ import time
 
 from torch import nn
 
+from pipeline.config import FROM_SCRATCH
 from pipeline.train.hooks import StageHooks
 
 
@@ -14,7 +15,7 @@ class FinetuneHooks(StageHooks):
         """A fine-tune chained after its pretraining job (``make pipeline`` on Slurm) is submitted before those
         weights exist: rank 0 converts them here, once (a requeued job finds them), while the others wait."""
         config, run = trainer.config, trainer.run
-        if config.finetune.weights:
+        if config.finetune.weights or config.finetune.pretrained == FROM_SCRATCH:
             return
         if trainer.is_main and not run.pretrained_ready.exists():
             from pipeline.config import ConfigError
@@ -37,6 +38,8 @@ class FinetuneHooks(StageHooks):
     def on_model_built(self, model: nn.Module, trainer) -> None:
         from pipeline.finetune.lineage import load_pretrained
 
+        if trainer.config.finetune.pretrained == FROM_SCRATCH:
+            return  # the baseline: random init
         load_pretrained(model, trainer.config, trainer.run, is_main=trainer.is_main)
 
     def on_tracking_started(self, trainer) -> None:

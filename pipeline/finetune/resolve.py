@@ -212,8 +212,8 @@ def check_adaptable(config: Config, weights: Path, tag_dir: Path) -> None:
             f"and num_classes): {lines[0]} {'; '.join(lines[1:4])}"
         ) from None
     classifier = model.pretrained_cfg.get("classifier") or "head"
-    heads = {k for k in model.state_dict() if k.startswith(f"{classifier}.")}
-    missing = [k for k in report.missing if k not in heads]
+    fresh = (f"{classifier}.", "fc_norm.")  # a new head; global_pool=avg's norm after pooling (MAE fine-tuning)
+    missing = [k for k in report.missing if not k.startswith(fresh)]
     if missing:
         raise ConfigError(
             f"--pretrained {tag_dir} lacks {len(missing)} tensor(s) the model has, e.g. "

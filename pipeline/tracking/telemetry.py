@@ -46,9 +46,12 @@ def peak_tflops(device_name: Optional[str], precision: str) -> Optional[float]:
     return None
 
 
-def forward_flops_per_image(model: torch.nn.Module, img_size: int, in_chans: int = 3) -> Optional[int]:
+def forward_flops_per_image(
+    model: torch.nn.Module, img_size: int, in_chans: int = 3, **forward_kwargs
+) -> Optional[int]:
     """FLOPs of one forward pass for one image, counted by torch's FlopCounterMode (matmuls, convs,
-    attention); eval mode and no_grad so no RNG is drawn and training state is untouched."""
+    attention); eval mode and no_grad so no RNG is drawn and training state is untouched. ``forward_kwargs``
+    go to the model's forward (a masked-image model's mask generator)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
@@ -57,7 +60,7 @@ def forward_flops_per_image(model: torch.nn.Module, img_size: int, in_chans: int
         x = torch.zeros(1, in_chans, img_size, img_size, device=param.device, dtype=param.dtype)
         model.eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
+            model(x, **forward_kwargs)
         return int(counter.get_total_flops()) or None
     except Exception as exc:  # a model the counter cannot trace: no MFU, training goes on
         log.warning("could not count model FLOPs (%s: %s); no MFU metric", type(exc).__name__, exc)

@@ -74,31 +74,41 @@ class StopFlag:
 
 @dataclass
 class Fault:
-    """TEST HOOK, off unless VITPIPE_FAULT is set: "rank=R,step=S[,action=raise|exit|hang]" makes rank R, on
-    reaching step S by training, raise an error (default), die without a traceback (exit, like a crash or an
-    OOM kill), or hold until a stop signal arrives (hang: a step that outlasts a time limit). The tests use it
-    to check how failures and signals are handled on a real cluster."""
+    """TEST HOOK, off unless VITPIPE_FAULT is set: "rank=R,step=S[,action=raise|exit|hang][,attempt=A]" makes
+    rank R, on reaching step S by training, raise an error (default), die without a traceback (exit, like a crash
+    or an OOM kill), or hold until a stop signal arrives (hang: a step that outlasts a time limit); in every
+    attempt, or only in attempt A (0 is the first; a resumed attempt that trains through S again must not
+    repeat a hold meant for the first). The tests use it to check how failures and signals are handled."""
 
     rank: int
     step: int
     action: str = "raise"
+    attempt: Optional[int] = None
 
     @classmethod
-    def from_environ(cls, rank: int) -> Optional[Fault]:
+    def from_environ(cls, rank: int, attempt: int = 0) -> Optional[Fault]:
         spec = os.environ.get("VITPIPE_FAULT", "").strip()
         if not spec:
             return None
         try:
             fields = dict(item.split("=", 1) for item in spec.split(","))
-            fault = cls(int(fields.pop("rank")), int(fields.pop("step")), fields.pop("action", "raise"))
+            only = fields.pop("attempt", None)
+            fault = cls(
+                int(fields.pop("rank")),
+                int(fields.pop("step")),
+                fields.pop("action", "raise"),
+                None if only is None else int(only),
+            )
             if fields or fault.action not in ("raise", "exit", "hang"):
                 raise ValueError
         except (KeyError, ValueError):
             raise ValueError(
-                f"VITPIPE_FAULT={spec!r}: expected 'rank=R,step=S[,action=raise|exit|hang]' "
+                f"VITPIPE_FAULT={spec!r}: expected 'rank=R,step=S[,action=raise|exit|hang][,attempt=A]' "
                 "(a test hook; unset it for real runs)"
             ) from None
-        return fault if fault.rank == rank else None
+        if fault.rank != rank or fault.attempt not in (None, attempt):
+            return None
+        return fault
 
     def maybe_trigger(self, step: int, stop: StopFlag) -> None:
         if step != self.step:

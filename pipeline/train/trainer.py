@@ -78,7 +78,7 @@ class Trainer:
         self.config, self.run, self.env, self.hooks = config, run, env, list(hooks)
         self.is_main = env.rank == 0
         self.stop = StopFlag()
-        self.fault = Fault.from_environ(env.rank)
+        self.fault = Fault.from_environ(env.rank, env.attempt)
         self.dev, self.dtype = device(), compute_dtype(config)
         self.step = 0
         self.resume_tag = ckpt.latest_complete(run.checkpoints)
@@ -103,11 +103,11 @@ class Trainer:
         random_seed(config.run.seed, env.rank)  # timm's Mixup draws from NumPy, drop-path from torch
         self.plan = plan_data(config, env.world_size, build_index=False)  # the CLI indexed the shards already
         num_classes = config.model.num_classes or self.plan.num_classes or 0
-        model = create_model(config.model, num_classes)
+        self.objective = build_objective(config, num_classes)
+        model = create_model(config.model, self.objective.head_classes(num_classes))
         if self.resume_tag is None:
             for hook in self.hooks:
                 hook.on_model_built(model, self)
-        self.objective = build_objective(config, num_classes)
         self.model, module = model, self.objective.wrap(model)
         self.ema = create_ema(module, config, self.dev)
         self.img_size = input_size(model)
@@ -266,6 +266,8 @@ class Trainer:
         self.build()
         self.resume()
         self.start_tracking()
+        if self.resume_tag is None and self.objective.baseline_eval:
+            self.log_eval(self.evaluate())  # where the run starts from (a self-supervised run's k-NN at random init)
         self.engine.train()
         window = Window(torch.zeros((), dtype=torch.float64, device=self.dev))
         batches = iter(self.data.train_batches(start_step=self.step))

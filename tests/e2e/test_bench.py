@@ -68,8 +68,11 @@ def test_bench_writes_json_and_markdown_with_baselines(digits_shards, tmp_path):
     assert len(data["loader"]["rounds"]["pipeline"]) == 2
     # channels_last is a speed option timm's train.py loop does not use by default: that loop is a third row
     assert data["step"]["timm_style"]["images_per_s"] > 0 and data["step"]["speedup_vs_timm_style"] > 0
+    mae = data["step"]["mae"]  # the encoder sees a quarter of the tokens: fewer FLOPs than the full model's
+    assert mae["images_per_s"] > 0 and 0 < mae["gflops_per_image_fwd_bwd"] and mae["mfu"] > 0
+    assert mae["decoder"] == "2 x 128, 4 heads"
     markdown = path.with_suffix(".md").read_text()
-    assert "| this pipeline" in markdown and "timm train.py-style" in markdown
+    assert "| this pipeline" in markdown and "timm train.py-style" in markdown and "MAE step" in markdown
 
     from mlflow.tracking import MlflowClient
 

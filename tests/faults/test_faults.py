@@ -237,14 +237,11 @@ def test_sigint_to_the_launcher_alone_checkpoints_every_rank_and_mlflow_says_sto
     assert run.info.status == "KILLED" and run.data.tags["run_state"] == "stopped"
 
     again = Job(overrides(shards, tmp_path, "int", steps, "checkpoint.every_steps=0"), tmp_path, "int")
-    seen_running = False
-    while again.proc.poll() is None and not seen_running:
-        seen_running = client.get_run(run.info.run_id).info.status == "RUNNING"
-        time.sleep(0.3)
     assert again.wait() == 0, again.output()[-3000:]
-    assert seen_running, "a resumed run is RUNNING again in MLflow"
+    # (RUNNING in between is not polled for: the journal may deliver RUNNING and FINISHED in one batch)
     final = client.get_run(run.info.run_id)
     assert final.info.status == "FINISHED" and final.data.tags["run_state"] == "finished"
+    assert final.data.tags["restarts"] == "1", "the same MLflow run continued"
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
@@ -291,8 +288,8 @@ def test_a_rank_killed_while_writing_a_checkpoint_falls_back_to_the_previous_one
     assert job.wait() == 0, job.output()[-4000:]
     out = job.output()
     assert f"resumed from step{caught - 1:08d}" in out, out[-3000:]
-    total = int(re.search(r"(\d+) steps \(", out).group(1))  # epochs x steps per epoch, rounded (39 here)
-    assert job.run.read_summary()["step"] == total >= steps - 1
+    total = int(re.search(r"step \d+/(\d+) ", out).group(1))  # about ``steps``: epochs round to whole steps
+    assert abs(total - steps) <= 1 and job.run.read_summary()["step"] == total
 
 
 def _keys_per_step(run: RunDir) -> dict[int, list[str]]:

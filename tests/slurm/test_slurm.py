@@ -340,7 +340,9 @@ class Run:
 
 
 def hang_env() -> dict:
-    return {"VITPIPE_FAULT": f"rank=0,step={HANG_AT},action=hang"}
+    """Rank 0 holds at step HANG_AT in the first attempt only: an attempt resumed from an earlier checkpoint trains
+    through HANG_AT again and must not hold there (its peers would wait out the collective timeout)."""
+    return {"VITPIPE_FAULT": f"rank=0,step={HANG_AT},action=hang,attempt=0"}
 
 
 @pytest.fixture(scope="module")
@@ -366,8 +368,15 @@ def jobs(slurm_cluster, digits_shards, tmp_path_factory):
     for name in ("reference", "timeout", "preempted", "failing"):  # queued behind these: starts when one ends
         started[name].job_id()
     started["cancelled"] = Run(tmp, digits_shards, "cancelled", env=hang_env())
-    started["killed"] = Run(
-        tmp, digits_shards, "killed", "launch.max_failures=1", "launch.heartbeat_s=1", "checkpoint.every_steps=2"
+    started["killed"] = Run(  # rank 0 holds at step 4 (only on the first attempt): rank 1 is alive for its test
+        tmp,
+        digits_shards,
+        "killed",
+        "launch.max_failures=1",
+        "launch.heartbeat_s=1",
+        "checkpoint.every_steps=2",
+        "launch.hang_timeout_s=1800",  # its hold must not look like a hang before its test comes
+        env=hang_env(),
     )
     started["stalled"] = Run(
         tmp,
@@ -375,7 +384,7 @@ def jobs(slurm_cluster, digits_shards, tmp_path_factory):
         "stalled",
         "launch.hang_timeout_s=20",
         "launch.heartbeat_s=1",
-        f"optim.epochs={200 * 32 / 1497}",
+        f"optim.epochs={20000 * 32 / 1497}",  # still training when its test comes; the watchdog ends it
     )
     yield started
     for value in started.values():  # a test that failed half-way leaves no job behind
@@ -463,11 +472,10 @@ def test_a_job_that_can_never_start_is_refused_before_it_is_submitted(slurm_clus
     base = [
         "pretrain",
         "launch.cluster=slurm",
-        "launch.nodes=2",
         *shard_overrides(digits_shards),
         f"run.root={tmp_path}",
     ]
-    too_big = run_cli(*base, "launch.slurm.cpus_per_task=8", "run.name=big", cwd=ROOT)
+    too_big = run_cli(*base, "launch.nodes=2", "launch.slurm.cpus_per_task=8", "run.name=big", cwd=ROOT)
     assert too_big.returncode == 2, too_big.stderr[-3000:]
     last = too_big.stderr.strip().splitlines()[-1]
     assert (
@@ -475,9 +483,9 @@ def test_a_job_that_can_never_start_is_refused_before_it_is_submitted(slurm_clus
         and "launch.slurm.cpus_per_task=8" in last
         and "largest node has 4 CPUs" in last
     )
-    fitted = run_cli(*base, "--print-config", "run.name=fit", cwd=ROOT)
+    fitted = run_cli(*base, "launch.nodes=2", "--print-config", "run.name=fit", cwd=ROOT)
     assert fitted.returncode == 0 and "cpus_per_task: 4" in fitted.stdout, fitted.stderr[-3000:]
-    long = run_cli(*base, "launch.nodes=3", "run.name=three", cwd=ROOT)
+    long = run_cli(*base, "launch.nodes=3", "data.batch_size=96", "run.name=three", cwd=ROOT)  # 3 ranks divide it
     assert long.returncode == 2 and "has 2 such node(s)" in long.stderr
 
 

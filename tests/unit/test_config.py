@@ -153,3 +153,38 @@ def test_cli_help():
     for command in ("pretrain", "finetune", "shards", "ui"):
         result = run_cli(command, "--help", cwd=ROOT)
         assert result.returncode == 0 and "usage" in result.stdout.lower(), command
+
+
+@pytest.mark.parametrize(
+    "overrides, stage, needle",
+    [
+        (
+            ["objective.name=mae", "model.name=swin_tiny_patch4_window7_224"],
+            "pretrain",
+            r"objective\.name=mae needs a ViT",
+        ),
+        (
+            ["objective.name=mae", "objective.mask_ratio=1.0"],
+            "pretrain",
+            r"objective\.mask_ratio=1\.0 must be in \(0, 1\)",
+        ),
+        (["objective.name=simmim", "objective.mask_ratio=0"], "pretrain", r"objective\.mask_ratio=0"),
+        (["objective.name=mae", "augment.mixup=0.8"], "pretrain", r"augment\.mixup=0\.8 mixes or smooths labels"),
+        (["objective.name=simmim", "model.name=resnet50"], "pretrain", r"objective\.name=simmim needs a ViT or a Swin"),
+        (["objective.name=byol"], "pretrain", r"objective\.name"),
+        (["objective.name=mae", "augment.label_smoothing=0"], "finetune", r"is a pretraining objective"),
+        (["objective.name=mae", "objective.decoder_dim=100", "objective.decoder_heads=16"], "pretrain", "divisible"),
+    ],
+)
+def test_impossible_objective_combinations_are_refused_naming_the_key(overrides, stage, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(DEMO, ["augment.label_smoothing=0", *overrides] if "augment.label_smoothing=0" not in overrides
+                    else overrides, stage=stage)  # fmt: skip
+
+
+def test_ssl_demo_configs_load_and_fine_tune_configs_are_supervised():
+    for name in ("digits_mae", "digits_simmim_swin", "vit_b16_mae", "swin_b_simmim"):
+        pre = load_config(ROOT / f"configs/pretrain/{name}.yaml", [], stage="pretrain")
+        fine = load_config(ROOT / f"configs/finetune/{name}.yaml", [], stage="finetune")
+        assert pre.objective.name in ("mae", "simmim") and fine.objective.name == "supervised", name
+    assert load_config(ROOT / "configs/finetune/digits_mae.yaml", [], stage="finetune").data.train_subset == 150

@@ -28,11 +28,10 @@ class StepContext:
     device: torch.device
 
     def generator(self) -> torch.Generator:
-        from pipeline.data.plan import derive_seed
+        """A CPU generator (masks are drawn on the CPU, so CPU and GPU runs draw the same ones)."""
+        from pipeline.model.masking import mask_generator
 
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(derive_seed(self.seed, self.step, self.micro, self.rank, 0x0B7))
-        return gen
+        return mask_generator(self.seed, self.step, self.micro, self.rank)
 
 
 class Evaluation:
@@ -56,6 +55,11 @@ class Evaluation:
 class Objective:
     name = "base"
     needs_labels = True  # the loader refuses samples without a label when set
+    baseline_eval = False  # evaluate once before the first step too (a self-supervised run's starting point)
+
+    def head_classes(self, num_classes: int) -> int:
+        """The classifier width the timm model is built with (0: no head)."""
+        return num_classes
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module DeepSpeed trains, built around the timm model."""
