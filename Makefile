@@ -78,7 +78,19 @@ bench: setup
 ui: setup
 	$(RUN) -m pipeline ui --host $(HOST) --port $(PORT)
 
-.PHONY: tracking-sync bench-tracking bench-data
+.PHONY: tracking-sync bench-tracking bench-data bench-checkpoint bench-startup gpu-check
+# What a checkpoint save blocks the loop for, synchronous vs background write (2 ranks, ZeRO-1 and 2; docs/performance.md)
+bench-checkpoint: setup
+	$(RUN) -m benchmarks.checkpoint $(ARGS)
+
+# Where the time from `make pretrain` to the first step and the first metric goes, phase by phase (docs/performance.md)
+bench-startup: setup
+	$(RUN) -m benchmarks.startup $(ARGS)
+
+# The CUDA paths end to end on one GPU in <= 8 minutes, report under runs/gpu-check/; refuses (exit 2) without CUDA
+gpu-check: setup
+	@$(RUN) -m benchmarks.gpu_check $(ARGS)
+
 # What foreign and thousands of shards cost before the first step: indexing, cached re-plan, start-up per 1,000 shards
 bench-data: setup
 	$(RUN) -m benchmarks.bench_data $(ARGS)

@@ -110,11 +110,16 @@ class _Relay:
 
 def _start(argv, nproc: int, log_dir: Path, node: str, attempt: int) -> tuple[list, list]:
     """Rank 0 on this terminal, the others into logs; each in a process group of its own."""
+    from pipeline.train.startup import T0_ENV, T_SPAWN_ENV
+
     port = free_port()
     procs, logs = [], []
+    spawned = repr(time.time())
+    clock = {T_SPAWN_ENV: spawned, **({T0_ENV: spawned} if attempt else {})}  # a retry counts from its own start
     for rank in range(nproc):
         env = {
             **os.environ,
+            **clock,
             **rank_environment(
                 rank=rank,
                 local_rank=rank,

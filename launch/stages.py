@@ -79,7 +79,7 @@ def prepare(request: StageRequest, resolve_weights: bool = True) -> tuple[Config
             )
         config.model.num_classes = plan.num_classes
     config.data.train_samples = plan.train_samples
-    from pipeline.model.factory import check_model  # timm: seconds to import, so after the cheap checks
+    from pipeline.model.spec import check_model  # timm's names, cached: no timm (seconds) before the launch
 
     check_model(config.model)
     family = Path(request.config_path).stem

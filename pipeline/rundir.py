@@ -86,6 +86,7 @@ class RunDir:
     model_dir = property(lambda self: self.path / "model")
     heartbeats = property(lambda self: self.path / "heartbeat")  # rankNNNNN.json: each rank's progress
     failures = property(lambda self: self.path / "failures.jsonl")  # one line per failed attempt: its cause
+    startup = property(lambda self: self.path / "startup.json")  # the latest attempt's start-up, phase by phase
 
     def keys(self, rank: int) -> Path:
         """data.record_keys: the sample keys of each step on this rank."""

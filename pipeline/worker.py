@@ -21,6 +21,11 @@ def stage_hooks(stage: str) -> list:
 def run(run_dir: str) -> int:
     """0: the run is complete; 3 (EXIT_RESUMABLE): stopped with a checkpoint to resume from."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from pipeline.train.startup import StartupClock
+
+    startup = StartupClock()
+    startup.mark_spawn()
+    startup.mark("rank_start")  # the rank's interpreter and its first imports
     import torch.distributed as dist
     from deepspeed.utils import logger as ds_logger
 
@@ -29,9 +34,11 @@ def run(run_dir: str) -> int:
     from pipeline.train.trainer import Trainer
 
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's per-rank INFO lines drown the progress output
+    startup.mark("imports")  # torch, DeepSpeed, timm
     folder = RunDir(run_dir)
     config = folder.load_config()
     env = init_distributed(config)
+    startup.mark("process_group")
     logging.basicConfig(
         level=logging.INFO if env.rank == 0 else logging.WARNING,
         format=f"[%(asctime)s rank{env.rank}] %(message)s",
@@ -39,7 +46,7 @@ def run(run_dir: str) -> int:
         force=True,
     )
     try:
-        return Trainer(config, folder, env, stage_hooks(config.run.stage)).train()
+        return Trainer(config, folder, env, stage_hooks(config.run.stage), startup).train()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

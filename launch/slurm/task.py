@@ -125,6 +125,9 @@ class SlurmRank(_Checkpointable):
     def __call__(self) -> dict:
         import submitit
 
+        from pipeline.train.startup import T0_ENV
+
+        os.environ[T0_ENV] = repr(time.time())  # start-up counts from the task's start, not from the submission
         os.chdir(self.cwd)
         job_env = submitit.JobEnvironment()
         rank, attempt = job_env.global_rank, int(os.environ.get("SLURM_RESTART_COUNT", "0"))

@@ -264,6 +264,10 @@ class DeepSpeedConfig:
 class CheckpointConfig:
     every_steps: int = 500  # 0: only at the end (and on preemption)
     keep_last: int = 2  # complete checkpoints kept; older ones are removed
+    # Copy the state to host memory, write the files in a background thread (the marker once every rank's are
+    # durable). None: on with CUDA, off on CPU-only machines, where the writer shares the cores and the host copy
+    # (one checkpoint per rank, kept for the run) the RAM with training (docs/performance.md).
+    background_write: Optional[bool] = None
 
     def check(self) -> None:
         positive("checkpoint.keep_last", self.keep_last)

@@ -22,6 +22,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,24 +85,50 @@ def save(
     keep_last: int,
     world_size: int = 1,
     zero_stage: int = 0,
+    writer=None,
 ) -> SaveResult:
-    """Collective: every rank must call this at the same step."""
+    """Collective: every rank must call this at the same step. ``writer`` (a BackgroundCheckpointEngine set as
+    the engine's checkpoint engine): the files are copied now and written in the background; the marker follows
+    once every rank's are durable. ``seconds`` is what the caller waited; ``bytes`` what this rank copied then."""
     start = time.perf_counter()
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
+    if writer is not None:
+        writer.begin(tag, tag_dir)  # waits for the save still in flight
     if rank == 0 and tag_dir.exists():  # a partial save of this same step from a killed attempt
-        shutil.rmtree(tag_dir / MARKER, ignore_errors=True)
+        (tag_dir / MARKER).unlink(missing_ok=True)
     tag_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+    rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
+    (writer.save if writer is not None else torch.save)(rng_state(), rng_file)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    meta = {"step": step, "world_size": world_size, "zero_stage": zero_stage}
+    if writer is not None:
+        done = partial(_finalize_when_written, ckpt_dir, tag, meta, keep_last) if rank == 0 else None
+        writer.submit(done)
+        return SaveResult(tag, tag_dir, time.perf_counter() - start, writer.snapshot.bytes)
     size = 0
     if rank == 0:  # save_checkpoint returned on every rank: the checkpoint is whole
-        atomic_write(tag_dir / META, json.dumps({"step": step, "world_size": world_size, "zero_stage": zero_stage}))
-        atomic_write(tag_dir / MARKER, f"{step}\n", fsync=True)
-        atomic_write(ckpt_dir / "latest", tag)  # for DeepSpeed's own tools (zero_to_fp32 etc.)
-        _prune(ckpt_dir, keep_last, newest=tag)
+        finalize(ckpt_dir, tag, meta, keep_last)
         size = dir_size(tag_dir)
     return SaveResult(tag, tag_dir, time.perf_counter() - start, size)
+
+
+def finalize(ckpt_dir: Path, tag: str, meta: dict, keep_last: int) -> None:
+    """Rank 0, once every rank's files of ``tag`` are written: meta.json, the COMPLETE marker, ``latest``."""
+    tag_dir = ckpt_dir / tag
+    atomic_write(tag_dir / META, json.dumps(meta))
+    atomic_write(tag_dir / MARKER, f"{meta['step']}\n", fsync=True)
+    atomic_write(ckpt_dir / "latest", tag)  # for DeepSpeed's own tools (zero_to_fp32 etc.)
+    _prune(ckpt_dir, keep_last, newest=tag)
+
+
+def _finalize_when_written(ckpt_dir: Path, tag: str, meta: dict, keep_last: int) -> None:
+    """Rank 0's writer thread: the marker once every rank said its files are durable (files, no collective)."""
+    from pipeline.train.background import clear_markers, wait_for_ranks
+
+    wait_for_ranks(ckpt_dir / tag, meta["world_size"])
+    finalize(ckpt_dir, tag, meta, keep_last)
+    clear_markers(ckpt_dir / tag)
 
 
 def _prune(ckpt_dir: Path, keep_last: int, newest: str) -> None:

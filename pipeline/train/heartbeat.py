@@ -49,6 +49,10 @@ class Heartbeat:
         """Called by the training thread: the step advanced, or a phase began (evaluating, saving)."""
         self.record = {**self.record, "step": step, "phase": phase, "progress_at": time.time()}
 
+    def note(self, **fields) -> None:
+        """Extra facts for the file (e.g. ``writing``: the checkpoint written in the background, or None)."""
+        self.record = {**self.record, **fields}
+
     def fail(self, error: str) -> None:
         """The rank is going down with this error: said at once, so the launcher can name the cause."""
         self.record = {**self.record, "phase": "failed", "error": error[:500], "failed_at": time.time()}

@@ -40,6 +40,7 @@ from pipeline.train.objectives import StepContext, build_objective
 from pipeline.train.objectives.base import all_sum
 from pipeline.train.optim import make_optimizer, make_schedule
 from pipeline.train.signals import Fault, StopFlag
+from pipeline.train.startup import StartupClock
 
 log = logging.getLogger("pipeline")
 
@@ -74,8 +75,16 @@ class KeyLog:
 
 
 class Trainer:
-    def __init__(self, config: Config, run: RunDir, env: DistEnv, hooks: Sequence[StageHooks] = ()):
+    def __init__(
+        self,
+        config: Config,
+        run: RunDir,
+        env: DistEnv,
+        hooks: Sequence[StageHooks] = (),
+        startup: Optional[StartupClock] = None,
+    ):
         self.config, self.run, self.env, self.hooks = config, run, env, list(hooks)
+        self.startup = startup or StartupClock()
         self.is_main = env.rank == 0
         self.stop = StopFlag()
         self.fault = Fault.from_environ(env.rank, env.attempt)
@@ -102,6 +111,7 @@ class Trainer:
             hook.before_start(self)
         random_seed(config.run.seed, env.rank)  # timm's Mixup draws from NumPy, drop-path from torch
         self.plan = plan_data(config, env.world_size, build_index=False)  # the CLI indexed the shards already
+        self.startup.mark("data_plan")
         num_classes = config.model.num_classes or self.plan.num_classes or 0
         self.objective = build_objective(config, num_classes)
         model = create_model(config.model, self.objective.head_classes(num_classes))
@@ -113,14 +123,17 @@ class Trainer:
         self.img_size = input_size(model)
         flops = self.objective.forward_flops(module, self.img_size, config.model.in_chans) if self.is_main else None
         self.telemetry = StepTelemetry(config, env, flops, self.dev)
+        self.startup.mark("model")
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.total_steps = max(1, round(config.optim.epochs * self.steps_per_epoch))
         optimizer = make_optimizer(module, config, self.dev)
         self.universal = self._prepare_elastic_resume()
         self.engine = create_engine(module, optimizer, config, env.world_size, load_universal=self.universal)
+        self.writer = self._background_writer()
         self.schedule = make_schedule(
             optimizer, config, self.total_steps, round(config.optim.warmup_epochs * self.steps_per_epoch)
         )
+        self.startup.mark("engine")  # DeepSpeed's initialize: its op builds/loads, ZeRO partitioning
         self.keys = KeyLog(self.run.keys(env.rank)) if config.data.record_keys else None
         self.data = RankData(
             config,
@@ -132,6 +145,18 @@ class Trainer:
             require_labels=self.objective.needs_labels,
         )
         self.normalize = DeviceNormalize(config, self.dev)
+        self.startup.mark("loaders")
+
+    def _background_writer(self):
+        """``checkpoint.background_write`` (default: on with CUDA): DeepSpeed's engine saves through it."""
+        enabled = self.config.checkpoint.background_write
+        if not (self.dev.type == "cuda" if enabled is None else enabled):
+            return None
+        from pipeline.train.background import BackgroundCheckpointEngine
+
+        writer = BackgroundCheckpointEngine(self.env.rank, pin=self.dev.type == "cuda")
+        self.engine.checkpoint_engine = writer
+        return writer
 
     def _prepare_elastic_resume(self) -> bool:
         """Whether the checkpoint to resume was written by another number of ranks: then rank 0 converts it to a
@@ -177,6 +202,7 @@ class Trainer:
         load_ema_state(self.ema, state.get("ema"))
         if self.is_main:
             self.run.truncate_train_log(self.step)  # what a killed attempt logged after this checkpoint
+        self.startup.mark("resume")
 
     def start_tracking(self) -> None:
         """The MLflow run (rank 0 sends; created on the first attempt, continued on the next), progress output."""
@@ -254,8 +280,10 @@ class Trainer:
         self.build()
         self.resume()
         self.start_tracking()
+        self.startup.mark("tracking")  # the MLflow run created (or continued), its first params and tags
         if self.resume_tag is None and self.objective.baseline_eval:
             self.log_eval(self.evaluate())  # where the run starts from (a self-supervised run's k-NN at random init)
+            self.startup.mark("baseline_eval")
         self.engine.train()
         window = Window(torch.zeros((), dtype=torch.float64, device=self.dev))
         batches = iter(self.data.train_batches(start_step=self.step))
@@ -278,6 +306,7 @@ class Trainer:
             wait_start = time.perf_counter()
             batch = next(batches)
             window.wait_s += time.perf_counter() - wait_start
+            self.startup.mark("first_batch")  # the loader's workers started, shards opened, one batch decoded
             window.skipped += batch.skipped
             window.last_error = batch.error or window.last_error
             if self.keys is not None:
@@ -291,6 +320,7 @@ class Trainer:
             window.loss += loss.detach() / accum
         self.step += 1
         window.steps += 1
+        self.startup.mark("first_step")
         self.heartbeat.progress(self.step)
         if self.ema is not None:
             self.ema.update(self.engine.module, step=self.step)
@@ -298,6 +328,7 @@ class Trainer:
     def after_step(self) -> Optional[str]:
         """Evaluation and checkpoints at their intervals; the stop agreement. Returns why it stops, if it does."""
         config, step, total = self.config, self.step, self.total_steps
+        self.report_written()
         if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
             self.log_eval(self.evaluate())
         if self.fault is not None:
@@ -334,6 +365,7 @@ class Trainer:
         if self.is_main:
             self.run.append_train_log({"step": self.step, "train_loss": metrics["train_loss"], "lr": metrics["lr"]})
             self.tracker.log_metrics(metrics, self.step)
+            self._report_startup()
             self.progress.update(self.step, metrics)
             if skipped:
                 self.progress.write(
@@ -341,6 +373,24 @@ class Trainer:
                     f"steps; last: {window.last_error}"
                 )
         window.reset()
+
+    def _report_startup(self) -> None:
+        """Once per attempt, at its first logged metric: where the start-up went, in the log and in MLflow."""
+        if "first_metric" in self.startup.marks:
+            return
+        self.startup.mark("first_metric")
+        log.info("start-up: first step %s", self.startup.describe("first_step"))
+        record = self.startup_record()
+        atomic_write(self.run.startup, json.dumps({"attempt": self.env.attempt, **record}, indent=2))
+        self.tracker.log_metrics({f"startup_{name}_s": seconds for name, seconds in record.items()}, self.step)
+
+    def startup_record(self) -> dict[str, float]:
+        """Seconds per start-up phase, then from the command's start to the first step and the first metric."""
+        return {
+            **self.startup.phases(),
+            "to_first_step": self.startup.since_start("first_step"),
+            "to_first_metric": self.startup.since_start("first_metric"),
+        }
 
     def evaluate(self) -> dict[str, float]:
         """The objective's evaluation of the model (and of its EMA weights, as ``*_ema``) over the val shards."""
@@ -391,7 +441,8 @@ class Trainer:
 
     # -- checkpoints and the end -------------------------------------------------------------------
     def save(self, reason: str) -> None:
-        """Collective: every rank writes its part; the checkpoint counts once all have (COMPLETE marker)."""
+        """Collective: every rank writes its part; the checkpoint counts once all have (COMPLETE marker). With
+        background writes the loop waits only for the copy (and for the previous save, if still in flight)."""
         state = {
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
@@ -413,26 +464,57 @@ class Trainer:
             keep_last=self.config.checkpoint.keep_last,
             world_size=self.env.world_size,
             zero_stage=self.config.deepspeed.zero_stage,
+            writer=self.writer,
         )
+        self.report_written()  # the previous save, finished while this one waited for it
+        if self.writer is not None:
+            self.heartbeat.note(writing=result.tag)
         self.heartbeat.progress(self.step)
         if self.is_main:
+            self._log_saved(result, reason)
+
+    def _log_saved(self, result, reason: str) -> None:
+        mib = result.bytes / 2**20
+        if self.writer is None:
+            self.progress.write(f"checkpoint {result.tag} saved ({reason}) in {result.seconds:.1f}s, {mib:.1f} MiB")
+        else:
             self.progress.write(
-                f"checkpoint {result.tag} saved ({reason}) in {result.seconds:.1f}s, {result.bytes / 2**20:.1f} MiB"
+                f"checkpoint {result.tag} ({reason}): copied in {result.seconds:.1f}s ({mib:.1f} MiB), "
+                "writing in the background"
             )
-            self.tracker.log_metrics(
-                {"checkpoint_seconds": result.seconds, "checkpoint_mib": result.bytes / 2**20}, self.step
-            )
-            self.tracker.set_tags(
-                {
-                    "checkpoint.last_path": result.path,
-                    "checkpoint.last_step": self.step,
-                    "checkpoint.last_reason": reason,
-                }
-            )
+        self.tracker.log_metrics({"checkpoint_seconds": result.seconds, "checkpoint_mib": mib}, self.step)
+        self.tracker.set_tags(
+            {"checkpoint.last_path": result.path, "checkpoint.last_step": self.step, "checkpoint.last_reason": reason}
+        )
+
+    def report_written(self) -> None:
+        """Background saves that finished since the last look (rank 0: the checkpoint is complete)."""
+        if self.writer is None:
+            return
+        for written in self.writer.poll():
+            if not self.writer.in_flight():
+                self.heartbeat.note(writing=None)
+            if self.is_main:
+                self.progress.write(
+                    f"checkpoint {written.tag} complete: written in {written.seconds:.1f}s, "
+                    f"{written.bytes / 2**20:.1f} MiB from rank 0"
+                )
+                self.tracker.log_metrics({"checkpoint_write_seconds": written.seconds}, self.step)
+
+    def wait_for_writes(self) -> None:
+        """Collective: every rank's background save is done, and its marker written (stop, end of the run)."""
+        if self.writer is None:
+            return
+        self.heartbeat.progress(self.step, "saving")
+        self.writer.wait()
+        dist.barrier()
+        self.report_written()
+        self.heartbeat.progress(self.step)
 
     def stop_early(self, reason: str) -> int:
         """A checkpoint, then exit 3: the run is resumable, and MLflow says so (KILLED, tag run_state=stopped)."""
         self.save(f"stop: {reason}")
+        self.wait_for_writes()
         self.progress.close()
         self.tracker.set_tags({"run_state": "stopped", "stopped_reason": reason})
         self.tracker.finish("KILLED")
@@ -451,8 +533,10 @@ class Trainer:
         """Final evaluation and checkpoint, the stage's end hooks, then summary.json: the run is complete."""
         final = self.evaluate()
         self.log_eval(final)
+        self.wait_for_writes()  # every rank then sees the same complete tags
         if ckpt.latest_complete(self.run.checkpoints) != ckpt.tag_for(self.step):
             self.save("end")
+        self.wait_for_writes()  # the stage's end hooks read the final checkpoint (a fine-tune's export)
         self.progress.close()
         if self.is_main:
             for hook in self.hooks:
@@ -468,6 +552,7 @@ class Trainer:
                 "final": final,
                 "loss_history": history,
                 "checkpoint": str(self.run.checkpoints / ckpt.tag_for(self.step)),
+                "startup_s": self.startup_record(),  # this attempt's
             }
             atomic_write(self.run.summary, json.dumps(summary, indent=2))
             self.tracker.log_artifact(self.run.summary)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def runs(digits_shards, tmp_path_factory):
     partial.mkdir()
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
     results["second"] = run_cli("pretrain", *overrides(digits_shards, root, "resumed"), cwd=ROOT)
+    background = overrides(digits_shards, root, "background", "checkpoint.background_write=true")
+    results["bg_first"] = run_cli("pretrain", *background, f"run.stop_at_step={STOP_AT}", cwd=ROOT)
+    shutil.rmtree(root / "background/checkpoints" / f"step{STOP_AT:08d}", ignore_errors=True)  # resume from step 3
+    results["bg_second"] = run_cli("pretrain", *background, cwd=ROOT)
     return root, results
 
 
@@ -115,6 +120,34 @@ def test_resumed_run_continues_with_the_uninterrupted_losses(runs):
     assert full[TOTAL_STEPS] != full[1]
 
 
+def test_background_written_checkpoints_resume_to_the_same_losses_and_weights(runs):
+    """checkpoint.background_write: stopped at step 4 (the stop waits for the write), resumed from the interval
+    checkpoint of step 3 (written in the background while training went on): the uninterrupted run's losses, and
+    the checkpoint of step 6 holds the synchronous run's weights, bit for bit, in DeepSpeed's format."""
+    import torch
+
+    from pipeline.finetune.consolidate import consolidate
+
+    root, results = runs
+    assert results["bg_first"].returncode == 3, results["bg_first"].stderr[-3000:]
+    assert "writing in the background" in results["bg_first"].stderr
+    _ok(results["bg_second"])
+    assert "resumed from step00000003" in results["bg_second"].stderr
+    full = dict(map(tuple, json.loads((root / "full/summary.json").read_text())["loss_history"]))
+    resumed = dict(map(tuple, json.loads((root / "background/summary.json").read_text())["loss_history"]))
+    for step in range(4, TOTAL_STEPS + 1):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
+    tag = "step00000006"
+    ours, theirs = root / "background/checkpoints" / tag, root / "full/checkpoints" / tag
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())  # no markers left
+    a, b = consolidate(ours).state_dict, consolidate(theirs).state_dict
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    optim = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    sa, sb = (torch.load(d / optim, weights_only=False)["optimizer_state_dict"] for d in (ours, theirs))
+    moments_a, moments_b = sa["base_optimizer_state"]["state"], sb["base_optimizer_state"]["state"]
+    assert all(torch.equal(moments_a[i]["exp_avg_sq"], moments_b[i]["exp_avg_sq"]) for i in moments_b)
+
+
 def test_mlflow_store_holds_one_run_per_pipeline_run_with_params_and_metrics(runs):
     from mlflow.tracking import MlflowClient
 
@@ -126,7 +159,9 @@ def test_mlflow_store_holds_one_run_per_pipeline_run_with_params_and_metrics(run
     by_name = {}
     for run in found:
         by_name.setdefault(Path(run.data.tags["run_dir"]).name, []).append(run)  # run names are for people
-    assert sorted(by_name) == ["full", "resumed"] and len(by_name["resumed"]) == 1, "a resume continues its run"
+    assert sorted(by_name) == ["background", "full", "resumed"] and len(by_name["resumed"]) == 1, (
+        "a resume continues its run"
+    )
     run = by_name["resumed"][0]
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.002" and run.data.params["deepspeed.zero_stage"] == "2"

@@ -245,10 +245,12 @@ def test_sigint_to_the_launcher_alone_checkpoints_every_rank_and_mlflow_says_sto
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
-def test_a_rank_killed_while_writing_a_checkpoint_falls_back_to_the_previous_one(shards, tmp_path):
-    """Rank 0 frozen, then killed, in the middle of a checkpoint save (caught by its heartbeat saying 'saving'
-    while the tag has no COMPLETE marker yet): the retry resumes from the previous complete checkpoint, never
-    the half-written one, and the run ends with every step."""
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background-write"])
+def test_a_rank_killed_while_writing_a_checkpoint_falls_back_to_the_previous_one(shards, tmp_path, background):
+    """Rank 0 frozen, then killed, in the middle of a checkpoint save (caught by its heartbeat saying 'saving',
+    or with checkpoint.background_write naming the checkpoint its writer thread is writing, while the tag has no
+    COMPLETE marker yet): the retry resumes from the previous complete checkpoint, never the half-written one,
+    and the run ends with every step."""
     from pipeline.train.checkpoint import MARKER
 
     steps = 40
@@ -259,6 +261,7 @@ def test_a_rank_killed_while_writing_a_checkpoint_falls_back_to_the_previous_one
             "midsave",
             steps,
             "checkpoint.every_steps=1",
+            f"checkpoint.background_write={str(background).lower()}",
             "launch.max_failures=1",
             "launch.heartbeat_s=0.05",
             "model.embed_dim=192",
@@ -272,11 +275,11 @@ def test_a_rank_killed_while_writing_a_checkpoint_falls_back_to_the_previous_one
     caught = None
     while caught is None and job.proc.poll() is None:
         beat = job.beat(0)
-        if beat.get("phase") == "saving" and beat.get("step", 0) >= 2:  # a complete checkpoint to fall back to
+        writing = beat.get("writing") if background else beat.get("phase") == "saving" and f"step{beat['step']:08d}"
+        if writing and writing != "step00000001":  # from step 2 on, a complete checkpoint precedes it
             os.kill(beat["pid"], signal.SIGSTOP)
-            tag_dir = job.run.checkpoints / f"step{beat['step']:08d}"
-            if not (tag_dir / MARKER).exists():
-                caught = beat
+            if not (job.run.checkpoints / writing / MARKER).exists():
+                caught = int(writing.removeprefix("step"))
                 os.kill(beat["pid"], signal.SIGKILL)
             else:  # it had finished already: let it go on to the next save
                 os.kill(beat["pid"], signal.SIGCONT)
@@ -284,7 +287,7 @@ def test_a_rank_killed_while_writing_a_checkpoint_falls_back_to_the_previous_one
     assert caught is not None, job.output()[-3000:]
     assert job.wait() == 0, job.output()[-4000:]
     out = job.output()
-    assert f"resumed from step{caught['step'] - 1:08d}" in out, out[-3000:]
+    assert f"resumed from step{caught - 1:08d}" in out, out[-3000:]
     total = int(re.search(r"step \d+/(\d+) ", out).group(1))  # about ``steps``: epochs round to whole steps
     assert abs(total - steps) <= 1 and job.run.read_summary()["step"] == total
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import ConfigError, load_config
@@ -74,7 +77,8 @@ def test_every_shipped_config_loads_builds_and_says_what_it_is_for(path):
     how long it takes and what it should reach (a config a team cannot judge is not a recipe)."""
     import torch
 
-    from pipeline.model.factory import check_model, create_model
+    from pipeline.model.factory import create_model
+    from pipeline.model.spec import check_model
 
     config = load_config(path)
     check_model(config.model)
@@ -107,7 +111,7 @@ def test_the_same_key_twice_is_refused_naming_it():
 
 
 def test_an_unknown_model_name_is_refused_with_suggestions():
-    from pipeline.model.factory import check_model
+    from pipeline.model.spec import check_model
 
     config = load_config(DEMO, ["model.name=vit_gigantic_banana"])  # the schema cannot know timm's names
     with pytest.raises(ConfigError, match=r"model\.name='vit_gigantic_banana' is not a timm model; e\.g\. vit_"):
@@ -188,3 +192,30 @@ def test_ssl_demo_configs_load_and_fine_tune_configs_are_supervised():
         fine = load_config(ROOT / f"configs/finetune/{name}.yaml", [], stage="finetune")
         assert pre.objective.name in ("mae", "simmim") and fine.objective.name == "supervised", name
     assert load_config(ROOT / "configs/finetune/digits_mae.yaml", [], stage="finetune").data.train_subset == 150
+
+
+def test_timm_names_are_cached_per_version_and_the_check_then_needs_no_timm(tmp_path, digits_shards):
+    """The first check builds the cache from timm itself (the same names timm lists); a later command checks a
+    config, and prepares its launch, without importing torch or timm (seconds of start-up, docs/performance.md)."""
+    import subprocess
+    import sys
+
+    import timm
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    code = (
+        "import sys; from pipeline.model.spec import timm_model_names, names_cache; names = timm_model_names(); "
+        "print(len(names), names_cache())"
+    )
+    first = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    count, cache = first.stdout.split()
+    assert int(count) == len(timm.list_models()) and Path(cache).is_relative_to(tmp_path / "cache")
+    shards = f"data.train_shards={digits_shards}/train-{{000000..000003}}.tar"
+    code = (
+        "import sys; from launch.stages import StageRequest, prepare; "
+        f"config, _ = prepare(StageRequest('pretrain', {str(DEMO)!r}, [{shards!r}, "
+        f"'data.val_shards={digits_shards}/val-000000.tar'])); "
+        "print(config.model.name, sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    )
+    later = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert later.stdout.strip().splitlines()[-1] == "vit_tiny_patch16_224 []", later.stdout + later.stderr
