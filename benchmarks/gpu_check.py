@@ -12,7 +12,7 @@ reported as skipped):
    checkpoint writes from pinned host copies): an uninterrupted run and one stopped at step 10, then resumed
    (its losses against the uninterrupted run's); then ``pipeline finetune`` from the finished run at 64 px
    (consolidation of the ZeRO checkpoint, position-embedding resampling, EMA) on the GPU.
-4. ``mae``: an MAE pretraining step: ``check_mae_step`` is the hook for it (skipped while no MAE objective exists).
+4. ``mae``: MAE (ViT-B/16) and SimMIM (Swin-B) steps as their objectives train them (bf16, ZeRO-2, fused AdamW).
 5. ``bench``: ViT-B/16 and Swin-B at 224, bf16 (configs/bench/gpu_vit_b16.yaml, gpu_swin_b.yaml): images/s and
    MFU against the measured bf16 matmul peak, for DeepSpeed, the same plain loop and a timm ``train.py``-style
    loop (benchmarks/bench.py), and the data wait with the real (pinned-memory) loader.
@@ -312,14 +312,48 @@ def _digits_shards() -> None:
 
 
 def check_mae_step(settings: Settings) -> dict:
-    """HOOK for the MAE objective: when pipeline/train/objectives has an ``mae`` objective, run a few bf16 steps of
-    it here (e.g. ``_pretrain_args(settings, "mae", "<the objective's config key>=mae", "run.stop_at_step=5")``
-    through ``_cli`` and ``_wait``, or its loss on a synthetic batch as in ``check_engine``)."""
-    from pipeline.train.objectives import OBJECTIVES
+    """MAE (ViT-B/16, encoder on the visible quarter) and SimMIM (Swin-B) as the objectives train them, ZeRO-2
+    bf16 fused AdamW: 8 steps each on one repeated batch; the losses must be finite and fall."""
+    import torch
 
-    if "mae" not in OBJECTIVES:
-        return {"status": "skipped", "reason": f"no MAE objective yet (objectives: {', '.join(OBJECTIVES)})"}
-    raise NotImplementedError("an MAE objective exists: fill in check_mae_step (benchmarks/gpu_check.py)")
+    from pipeline.config import load_config
+    from pipeline.model.factory import create_model
+    from pipeline.train.engine import compute_dtype, create_engine, device
+    from pipeline.train.objectives import StepContext, build_objective
+    from pipeline.train.optim import make_optimizer
+
+    models = {"mae": "vit_base_patch16_224", "simmim": "swin_base_patch4_window7_224"}
+    if settings.dry_run:
+        models = {"mae": "vit_tiny_patch16_224", "simmim": "swin_tiny_patch4_window7_224"}
+    out = {}
+    for objective_name, model_name in models.items():
+        config = load_config(
+            None,
+            [f"objective.name={objective_name}", f"model.name={model_name}", "model.img_size=224",
+             f"deepspeed.precision={settings.precision}", "deepspeed.zero_stage=2",
+             f"data.batch_size={4 if settings.dry_run else 64}", "optim.lr=1e-3", "optim.warmup_epochs=0"],
+        )  # fmt: skip
+        dev, dtype = device(), compute_dtype(config)
+        torch.manual_seed(0)
+        objective = build_objective(config, 0)
+        module = objective.wrap(create_model(config.model, objective.head_classes(0)))
+        engine = create_engine(module, make_optimizer(module, config, dev), config, 1)
+        images = torch.randn(config.data.batch_size, 3, 224, 224, device=dev)
+        losses, start = [], time.perf_counter()
+        for step in range(8):
+            loss = objective.loss(engine, images, None, StepContext(step, 0, 0, 0, dtype, dev))
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.float().item())
+        if not all(math.isfinite(x) for x in losses) or not losses[-1] < losses[0]:
+            raise RuntimeError(f"{objective_name}: losses {losses} are not finite and falling")
+        out[objective_name] = {
+            "model": model_name,
+            "losses": losses,
+            "seconds_8_steps": round(time.perf_counter() - start, 2),
+        }
+        del engine
+    return out
 
 
 BENCH_CONFIGS = {"vit_b16": "configs/bench/gpu_vit_b16.yaml", "swin_b": "configs/bench/gpu_swin_b.yaml"}
@@ -354,7 +388,7 @@ PARTS = {
     "engine": (check_engine, 60.0),
     "adapt": (check_adapt, 10.0),
     "runs": (check_runs, 150.0),
-    "mae": (check_mae_step, 0.0),
+    "mae": (check_mae_step, 40.0),
     "bench_vit_b16": (lambda s: check_bench(s, "vit_b16"), 100.0),
     "bench_swin_b": (lambda s: check_bench(s, "swin_b"), 130.0),
 }
@@ -408,7 +442,7 @@ def to_markdown(report: dict) -> str:
 
 
 def _note(part: dict) -> str:
-    if part["name"] == "engine":
+    if part["name"] in ("engine", "mae"):
         return ", ".join(f"{k}: loss {v['losses'][0]:.3f} -> {v['losses'][-1]:.3f}" for k, v in part.items()
                          if isinstance(v, dict))  # fmt: skip
     if part["name"] == "runs":
