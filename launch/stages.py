@@ -137,7 +137,9 @@ def check_resumable(run: RunDir, config: Config) -> None:
 
 def run_stage(request: StageRequest, print_config: bool = False) -> int:
     from pipeline.config import to_yaml
+    from pipeline.train.startup import mark_stage_start
 
+    mark_stage_start()  # the start-up clock of the ranks this stage starts
     try:
         config, family = prepare(request)
         if print_config:

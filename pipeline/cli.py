@@ -85,9 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.train.startup import mark_command_start
-
-    mark_command_start()  # the ranks' start-up clock counts from here
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["shards"]:  # its own parser with its own --help
         from pipeline.data.shards_cli import main as shards_main

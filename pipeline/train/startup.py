@@ -2,8 +2,8 @@
 phase by phase, so a slow start names its cause (imports, DeepSpeed's op load, MLflow, the data plan, the
 first batch) in the log, summary.json, MLflow and ``make bench-startup``.
 
-The clock starts at ``VITPIPE_T0`` (seconds since the epoch): the command's start, which the CLI exports to the
-ranks it launches; on Slurm the task's own start (queueing is the scheduler's time, not the pipeline's)."""
+The clock starts at ``VITPIPE_T0`` (seconds since the epoch): the stage's start in the command (launch/stages.py
+run_stage), which the ranks it launches inherit; on Slurm the task's own start (queueing is the scheduler's)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ T0_ENV = "VITPIPE_T0"
 T_SPAWN_ENV = "VITPIPE_T_SPAWN"  # when the local launcher started this rank's process
 
 
-def mark_command_start() -> None:
-    """The moment a command began, for the ranks it starts (kept if a caller set it earlier)."""
-    os.environ.setdefault(T0_ENV, repr(time.time()))
+def mark_stage_start() -> None:
+    """The moment a stage's command began, for the ranks it starts; each stage of ``make pipeline`` sets it again,
+    so a fine-tune's start-up does not include the pretraining before it."""
+    os.environ[T0_ENV] = repr(time.time())
 
 
 class StartupClock:

@@ -1,8 +1,6 @@
 """The start-up clock: phases between marks, counted from the command's start that the CLI exports."""
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,16 +23,15 @@ def test_the_clock_counts_from_the_exported_command_start(monkeypatch):
     assert StartupClock().t0 == 1000.5
 
 
-def test_the_cli_exports_its_start_to_what_it_launches():
-    script = (
-        "import os\nfrom pipeline.cli import main\ntry:\n    main(['ui', '--help'])\nexcept SystemExit:\n    pass\n"
-        f"print(os.environ['{T0_ENV}'])"
-    )
-    env = {k: v for k, v in os.environ.items() if k != T0_ENV}
+def test_each_stage_exports_its_own_start_to_the_ranks_it_launches(monkeypatch):
+    """run_stage stamps the clock (a config error returns before any launch); a second stage, as in make pipeline,
+    stamps it again: a fine-tune's start-up does not include the pretraining before it."""
+    from launch.stages import StageRequest, run_stage
+
+    monkeypatch.setenv(T0_ENV, "1.0")  # a stale stamp: an earlier stage's
     before = time.time()
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert before <= float(out.stdout.strip().splitlines()[-1]) <= time.time()  # stamped by that command
+    assert run_stage(StageRequest("pretrain", str(ROOT / "configs/pretrain/digits_vit.yaml"), ["optim.lrr=1"])) == 2
+    assert before <= float(os.environ[T0_ENV]) <= time.time()
 
 
 def test_the_command_phase_ends_when_the_launcher_started_the_rank(monkeypatch):
