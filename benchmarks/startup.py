@@ -71,11 +71,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(report: dict) -> str:
-    first, median = report["first_run"], report["median_later_runs"]
+    first, median, m = report["first_run"], report["median_later_runs"], report["machine"]
+    machine = f"{m['date']}, {m['cpu']}, {m['cores']} cores, load {m['load_1min']}, GPU: {m['gpu'] or 'none'}"
     rows = [f"| {name} | {first.get(name, 0):.2f} | {median[name]:.2f} |" for name in median]
     return "\n".join(
         [
-            f"Start-up of `python -m pipeline pretrain --config {report['config']}` ({report['machine']}), seconds:",
+            f"Start-up of `python -m pipeline pretrain --config {report['config']}` ({machine}), seconds:",
             "",
             "| phase | first run (new MLflow store) | median of later runs |",
             "|---|---:|---:|",
@@ -85,9 +86,11 @@ def markdown(report: dict) -> str:
     )
 
 
-def _machine() -> str:
-    load = os.getloadavg()[0]
-    return f"{os.cpu_count()} cores, load {load:.1f}, {sys.platform}"
+def _machine() -> dict:
+    """benchmarks/bench.py's machine record (read after the runs: its imports are not in their way), with the load."""
+    from benchmarks.bench import machine_info
+
+    return {**machine_info(), "load_1min": round(os.getloadavg()[0], 1)}
 
 
 if __name__ == "__main__":
