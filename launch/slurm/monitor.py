@@ -18,7 +18,7 @@ from typing import Any, Optional, TextIO
 from launch.local import tail
 from launch.slurm.after import teardown_lines
 from launch.slurm.params import SubmitError, make_executor
-from launch.slurm.status import FINAL_STATES, job_state, pending_verdict, read_status, write_status
+from launch.slurm.status import FINAL_STATES, job_state, pending_verdict, read_status, still_on_nodes, write_status
 from launch.slurm.task import SlurmRank
 from launch.watchdog import Watch
 from pipeline.rundir import RunDir
@@ -164,6 +164,9 @@ class _Follow:
                 self.offsets[path] = offset + end
 
 
+COMPLETING_WAIT_S = 300.0
+
+
 def wait(job, *, out: Optional[TextIO] = sys.stderr, poll_s: float = 1.0, state_every_s: float = 5.0) -> Outcome:
     """Stream rank 0's log until Slurm says the job has ended (through requeues), then say how it ended."""
     follow = _Follow(list(log_paths(job.paths.folder, job.job_id)[::-1]), out) if out is not None else None
@@ -181,6 +184,13 @@ def wait(job, *, out: Optional[TextIO] = sys.stderr, poll_s: float = 1.0, state_
                 verdict, reason = pending_verdict(job.job_id)
                 if verdict in ("never", "blocked"):
                     return Outcome(job.job_id, "PENDING", "blocked", reason=reason)
+        time.sleep(poll_s)
+    # Ended in Slurm's books, but a cancelled job's ranks may still be saving their checkpoint and writing
+    # status.json: report only once they are gone (Slurm's KillWait bounds it; the cap is for a lost node).
+    give_up = time.monotonic() + COMPLETING_WAIT_S
+    while still_on_nodes(job.job_id) and time.monotonic() < give_up:
+        if follow:
+            follow.pump()
         time.sleep(poll_s)
     if follow:
         follow.pump()

@@ -58,6 +58,18 @@ def job_state(job_id: str) -> str:
     return state
 
 
+def still_on_nodes(job_id: str) -> bool:
+    """True while squeue lists the job as COMPLETING: sacct may already say CANCELLED, but its processes still
+    run (a SIGTERM's checkpoint, status.json's last word) until they exit or KillWait ends them."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(line.strip().startswith("COMPLETING") for line in out.stdout.splitlines())
+
+
 def active_job(folder: Path) -> Optional[tuple[str, str]]:
     """(job id, state) of this folder's last job if Slurm still has it queued or running."""
     job_id = read_status(folder).get("job_id")
