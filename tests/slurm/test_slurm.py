@@ -269,11 +269,18 @@ class Run:
     """One run folder (its own runs root and MLflow store) and its Slurm job."""
 
     def __init__(
-        self, tmp: Path, shards: Path, name: str, *extra: str, env: dict | None = None, command: str = "pretrain"
+        self,
+        tmp: Path,
+        shards: Path,
+        name: str,
+        *extra: str,
+        env: dict | None = None,
+        command: str = "pretrain",
+        config: str | None = None,
     ):
         self.root = tmp / name
         self.dir = self.root / (name if command == "pretrain" else f"{name}-pretrain")
-        self.args = [command, *overrides(shards, self.root, name, *extra)]
+        self.args = [command, *(["--config", config] if config else []), *overrides(shards, self.root, name, *extra)]
         self.cli = Cli(tmp, name, self.args, env)
 
     @property
@@ -339,6 +346,18 @@ class Run:
         return [r for r in found if r.data.tags.get("run_dir") == str((run_dir or self.dir).resolve())]
 
 
+# MAE (configs/pretrain/digits_mae.yaml) at the tests' size: labels on the shards are there but never read
+MAE = dict(
+    config="configs/pretrain/digits_mae.yaml",
+    extra=(
+        "augment.mixup=0.0",
+        "objective.decoder_dim=16",
+        "objective.decoder_depth=1",
+        "objective.decoder_heads=2",
+    ),
+)
+
+
 def hang_env() -> dict:
     """Rank 0 holds at step HANG_AT in the first attempt only: an attempt resumed from an earlier checkpoint trains
     through HANG_AT again and must not hold there (its peers would wait out the collective timeout)."""
@@ -357,7 +376,7 @@ def jobs(slurm_cluster, digits_shards, tmp_path_factory):
         tmp, digits_shards, "timeout", "launch.slurm.time_min=4", "launch.slurm.signal_delay_s=60", env=hang_env()
     )
     started["extended"] = extend_after_requeue(started["timeout"])
-    started["preempted"] = Run(tmp, digits_shards, "preempted", env=hang_env())
+    started["preempted"] = Run(tmp, digits_shards, "preempted", *MAE["extra"], env=hang_env(), config=MAE["config"])
     started["failing"] = Run(
         tmp,
         digits_shards,
@@ -367,6 +386,9 @@ def jobs(slurm_cluster, digits_shards, tmp_path_factory):
     )
     for name in ("reference", "timeout", "preempted", "failing"):  # queued behind these: starts when one ends
         started[name].job_id()
+    started["mae-reference"] = Run(
+        tmp, digits_shards, "mae-reference", *MAE["extra"], env={"VITPIPE_FAULT": ""}, config=MAE["config"]
+    )
     started["cancelled"] = Run(tmp, digits_shards, "cancelled", env=hang_env())
     started["killed"] = Run(  # rank 0 holds at step 4 (only on the first attempt): rank 1 is alive for its test
         tmp,
@@ -411,9 +433,16 @@ def extend_after_requeue(run: Run, minutes: int = 30) -> dict:
                 ),
                 "the time-limit requeue",
             )
-            done["result"] = subprocess.run(
-                ["scontrol", "update", f"JobId={run.job_id()}", f"TimeLimit={minutes}"], capture_output=True, text=True
-            )
+            # while the requeue is under way Slurm may answer "Job has already finished": ask again
+            for _ in range(120):
+                done["result"] = subprocess.run(
+                    ["scontrol", "update", f"JobId={run.job_id()}", f"TimeLimit={minutes}"],
+                    capture_output=True,
+                    text=True,
+                )
+                if done["result"].returncode == 0 or run.cli.proc.poll() is not None:
+                    break
+                time.sleep(1.0)
         except BaseException as exc:  # reported by the test
             done["error"] = exc
 
@@ -583,7 +612,8 @@ def test_a_failing_rank_fails_the_job_with_its_traceback(jobs):
 
 @pytest.mark.slurm
 def test_preempted_job_checkpoints_requeues_and_resumes_exactly(jobs):
-    """submitit's preemption (SIGTERM + USR2) mid-run: every rank saves, the job requeues itself and resumes."""
+    """submitit's preemption (SIGTERM + USR2) mid-run of an MAE job: every rank saves, the job requeues itself and
+    resumes with the uninterrupted MAE run's losses (its masks drawn again the same)."""
     from submitit.slurm.slurm import SlurmJob
 
     run = jobs["preempted"]
@@ -599,7 +629,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(jobs):
     )
     assert "Requeued job" in log and f"resumed from step{HANG_AT:08d}" in log
     assert run.status["attempt"] == 1 and run.status["state"] == "COMPLETED"
-    assert_resumed_exactly(run, jobs["reference"], restarts=1)
+    assert run.summary()["objective"] == "mae"
+    code, output = jobs["mae-reference"].cli.finish()
+    assert code == 0, output[-4000:]
+    assert_resumed_exactly(run, jobs["mae-reference"], restarts=1)
 
 
 @pytest.mark.slurm
@@ -609,7 +642,8 @@ def test_time_limit_warning_checkpoints_and_requeues(jobs):
     code, output = run.cli.finish()
     assert code == 0, output[-4000:]
     jobs["extended"]["thread"].join(timeout=60)
-    assert "error" not in jobs["extended"] and jobs["extended"]["result"].returncode == 0, jobs["extended"]
+    # (the extension is only a helper: if the resumed attempt finished first, scontrol found nothing to extend)
+    assert "error" not in jobs["extended"], jobs["extended"]
     log = run.rank0_log()
     assert f"checkpoint step{HANG_AT:08d} saved (stop: SIGUSR2)" in log
     assert "this job is timed-out" in log and "Requeued job" in log  # submitit's own accounting of time-outs
