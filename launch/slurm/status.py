@@ -39,20 +39,28 @@ FINAL_STATES = (
 )
 
 
+def _states(cmd: list[str]) -> list[str]:
+    """The state column of squeue/sacct output ('CANCELLED by 0' -> 'CANCELLED'); [] if the command failed."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return (
+        [line.split()[0].rstrip("+") for line in out.stdout.splitlines() if line.strip()] if not out.returncode else []
+    )
+
+
+def _squeue(job_id: str) -> list[str]:
+    return _states(["squeue", "-h", "-j", str(job_id), "-o", "%T"])
+
+
 def job_state(job_id: str) -> str:
     """Slurm's state of a job: squeue while it is active, sacct once it is ending or gone; '' if unknown."""
     state = ""
-    for cmd in (
-        ["squeue", "-h", "-j", str(job_id), "-o", "%T"],
-        ["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"],
-    ):
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        lines = [line.split()[0].rstrip("+") for line in out.stdout.splitlines() if line.strip()]
-        if out.returncode == 0 and lines:
-            state = lines[-1]
+    for ask in (_squeue, lambda job: _states(["sacct", "-n", "-X", "-P", "-j", str(job), "-o", "State"])):
+        states = ask(job_id)  # sacct only when squeue has no final answer
+        if states:
+            state = states[-1]
             if state != "COMPLETING":  # after scancel squeue says COMPLETING, sacct already CANCELLED
                 return state
     return state
@@ -61,13 +69,7 @@ def job_state(job_id: str) -> str:
 def still_on_nodes(job_id: str) -> bool:
     """True while squeue lists the job as COMPLETING: sacct may already say CANCELLED, but its processes still
     run (a SIGTERM's checkpoint, status.json's last word) until they exit or KillWait ends them."""
-    try:
-        out = subprocess.run(
-            ["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and any(line.strip().startswith("COMPLETING") for line in out.stdout.splitlines())
+    return "COMPLETING" in _squeue(job_id)
 
 
 def active_job(folder: Path) -> Optional[tuple[str, str]]:
