@@ -154,7 +154,10 @@ class Trainer:
             return None
         from pipeline.train.background import BackgroundCheckpointEngine
 
-        writer = BackgroundCheckpointEngine(self.env.rank, pin=self.dev.type == "cuda")
+        # The copy can overlap the next forward/backward when they change no saved state (background.py).
+        forward_changes_state = any(getattr(m, "track_running_stats", False) for m in self.engine.module.modules())
+        defer = self.config.deepspeed.zero_stage < 3 and not forward_changes_state
+        writer = BackgroundCheckpointEngine(self.env.rank, pin=self.dev.type == "cuda", defer_copy=defer)
         self.engine.checkpoint_engine = writer
         return writer
 
@@ -316,6 +319,8 @@ class Trainer:
             ctx = StepContext(self.step, micro, self.env.rank, self.config.run.seed, self.dtype, self.dev)
             loss = self.objective.loss(self.engine, images, labels, ctx)
             self.engine.backward(loss)
+            if self.writer is not None:
+                self.writer.wait_staged()  # a save's copy overlapping this step must finish before the update
             self.engine.step()
             window.loss += loss.detach() / accum
         self.step += 1

@@ -87,3 +87,54 @@ def test_rank0_marks_the_checkpoint_complete_once_every_rank_said_its_files_are_
     ckpt._finalize_when_written(tmp_path, tag, {"step": 4, "world_size": 2, "zero_stage": 2}, keep_last=2)
     assert ckpt.latest_complete(tmp_path) == tag and ckpt.read_meta(tmp_path / tag)["world_size"] == 2
     assert not list((tmp_path / tag).glob(".written-rank*")) and (tmp_path / "latest").read_text() == tag
+
+
+def test_a_deferred_copy_runs_on_the_writer_thread_and_the_update_waits_for_it(tmp_path: Path):
+    """defer_copy: save() keeps the live tensors (nothing copied on the training thread); wait_staged (before the
+    optimizer step) returns once the writer copied them, so an update after it is not in the file."""
+    import threading
+
+    writer = BackgroundCheckpointEngine(rank=0, pin=False, defer_copy=True)
+    release, copying = threading.Event(), threading.Event()
+    real_copy = writer.snapshot.copy
+
+    def gated_copy(*args, **kwargs):
+        copying.set()
+        release.wait()
+        return real_copy(*args, **kwargs)
+
+    writer.snapshot.copy = gated_copy
+    tag_dir = tmp_path / "step00000002"
+    tag_dir.mkdir()
+    writer.begin("step00000002", tag_dir)
+    tree = _tree()
+    writer.save(tree, str(tag_dir / "model.pt"))
+    ((held, _),) = writer.job.files
+    assert held["module"]["bias"] is tree["module"]["bias"]  # the live tensor, not a copy
+    assert writer.snapshot.bytes == 12 * 4 + 3 * 4 + 4 * 8 + 8  # counted as the copy will be
+    writer.submit()
+    copying.wait()
+    assert not writer.staging.is_set()  # the writer is copying: the optimizer step would wait here
+    release.set()
+    writer.wait_staged()
+    tree["module"]["bias"].fill_(-1)  # the optimizer step
+    writer.wait()
+    loaded = torch.load(tag_dir / "model.pt", weights_only=False)
+    assert torch.equal(loaded["module"]["bias"], torch.arange(6.0, 12.0))
+    assert writer.staging is None
+
+
+def test_a_failed_deferred_copy_does_not_leave_the_update_waiting(tmp_path: Path):
+    writer = BackgroundCheckpointEngine(rank=0, pin=False, defer_copy=True)
+
+    def broken_copy(*args, **kwargs):
+        raise MemoryError("no room for the host copy")
+
+    writer.snapshot.copy = broken_copy
+    writer.begin("step00000001", tmp_path)
+    writer.save({"x": torch.ones(2)}, str(tmp_path / "model.pt"))
+    writer.submit()
+    with pytest.raises(RuntimeError, match="no room for the host copy"):
+        writer.wait_staged()
+        writer.wait()
+    assert not (tmp_path / "model.pt").exists()
