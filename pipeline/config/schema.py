@@ -83,7 +83,7 @@ class DataConfig:
     pin_memory: bool = True  # only used on CUDA
     # Loader speed-ups of the random resized crop (pipeline/transforms.py, figures in docs/performance.md):
     draft_decode: bool = True  # decode JPEGs at 1/2-1/8 size when the crop is >= 2x the output
-    torch_resize: bool = True  # resample with torch's uint8 antialiased kernel (Pillow's filter, ~4x faster)
+    torch_resize: bool = True  # crops of >= 64x64 px: torch's uint8 antialiased kernel (Pillow's filter, 2-4x faster)
 
     def check(self) -> None:
         _all_positive("data", self, "batch_size prefetch_factor shuffle_buffer read_timeout_s")

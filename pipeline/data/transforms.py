@@ -64,14 +64,20 @@ class LoadImage:
         return f"{type(self).__name__}(min_short_side={self.min_short_side})"
 
 
+# Below this many crop pixels Pillow's resize is the faster one (torch's per-call cost dominates): measured per
+# crop on the 2-core VM, 54x54 -> 64: Pillow 87 us, torch 129 us; 81x81 -> 64: 149 vs 123 (docs/performance.md).
+TORCH_RESIZE_MIN_PIXELS = 64 * 64
+
+
 class FastRandomResizedCrop:
     """timm's RandomResizedCropAndInterpolation (same random draws, same crop region) on a lazily opened
     image, with two measured speed-ups (docs/performance.md):
 
     * ``draft``: decode at reduced size when the crop is at least twice the output (see ``load_rgb``);
-    * ``torch_resize``: resample with torch's uint8 antialiased bilinear/bicubic kernel, the same filter as
-      Pillow's (written to match it) and ~4x faster here; pixels equal Pillow's up to rounding (1.5% of
-      values differ, mean 0.02 levels). Other interpolation modes use Pillow.
+    * ``torch_resize``: resample crops of at least ``TORCH_RESIZE_MIN_PIXELS`` with torch's uint8 antialiased
+      bilinear/bicubic kernel, the same filter as Pillow's (written to match it) and 2-4x faster on photos;
+      pixels equal Pillow's up to rounding (1.5% of values differ, mean 0.02 levels). Smaller crops and other
+      interpolation modes use Pillow.
     """
 
     def __init__(self, rrc, draft: bool = True, torch_resize: bool = True):
@@ -93,7 +99,7 @@ class FastRandomResizedCrop:
             top, left = round(top * sy), round(left * sx)
             height, width = max(1, round(height * sy)), max(1, round(width * sx))
         mode = getattr(interpolation, "value", interpolation)
-        if not self.torch_resize or mode not in ("bilinear", "bicubic"):
+        if not self.torch_resize or mode not in ("bilinear", "bicubic") or height * width < TORCH_RESIZE_MIN_PIXELS:
             return F.resized_crop(img, top, left, height, width, rrc.size, interpolation)
         pixels = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None]  # NCHW view of the HWC pixels
         # A dense channels-last crop takes torch's vectorised uint8 path, and the result is then HWC in memory

@@ -64,6 +64,24 @@ def test_train_crop_matches_timm_when_no_reduction_applies(torch_resize):
         assert all(not d.any() for d in diffs)
 
 
+def test_small_crops_are_resized_by_pillow_as_timm_does_bit_for_bit():
+    """Crops under TORCH_RESIZE_MIN_PIXELS (digits: 32x32) take Pillow's resize, the faster one at that size."""
+    from pipeline.data.transforms import TORCH_RESIZE_MIN_PIXELS
+
+    ours = build_transforms(load_config(None, ["model.img_size=32"]), 32, training=True)
+    timm = build_transforms(
+        load_config(None, ["model.img_size=32", "data.draft_decode=false", "data.torch_resize=false"]), 32, True
+    )
+    assert 48 * 48 < TORCH_RESIZE_MIN_PIXELS
+    for seed in range(10):
+        data = _jpeg(48, 48)
+        random.seed(seed), torch.manual_seed(seed)
+        a = np.asarray(ours(decode_sample(_sample(data), lazy=True)[0]))
+        random.seed(seed), torch.manual_seed(seed)
+        b = np.asarray(timm(decode_sample(_sample(data))[0]))
+        assert np.array_equal(a, b), seed
+
+
 def test_large_sources_are_decoded_at_reduced_size_with_a_close_result():
     config = _config(scale="[0.9,1.0]", color_jitter="null", hflip=0.0)
     ours, full = (
