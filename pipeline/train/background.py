@@ -238,7 +238,7 @@ class BackgroundCheckpointEngine(TorchCheckpointEngine):
         if not job.staged.is_set():
             try:
                 job.files = [(self.snapshot.copy(tree, path.name, count=False), path) for tree, path in job.files]
-            finally:  # a failure is raised by wait_staged: the training thread must not wait forever
+            finally:  # never leave the optimizer step waiting; the failure reaches it via wait_staged, wait or poll
                 job.staged.set()
         size = 0
         for tree, path in job.files:
