@@ -122,9 +122,10 @@ def _rounds(engine, step, env, settings: dict) -> list[dict]:
     """Both modes in every round, their order alternating; one save each, with the steps around it."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from pipeline.train.background import BackgroundCheckpointEngine
+    from pipeline.train.background import BackgroundCheckpointEngine, can_defer_copy
 
-    background = BackgroundCheckpointEngine(env.rank, pin=False, defer_copy=settings["zero"] < 3)  # as the Trainer
+    defer = can_defer_copy(engine.module, settings["zero"])  # as the Trainer
+    background = BackgroundCheckpointEngine(env.rank, pin=False, defer_copy=defer)
     engines = {"sync": TorchCheckpointEngine(None), "background": background}
     engines["sync"].zipfile_serialization = True  # as the engine's own: DeepSpeed's default
     for _ in range(2):

@@ -45,6 +45,16 @@ from pipeline.files import fsync_path
 WRITTEN = ".written-rank{rank:05d}"  # this rank's files of a tag are durable (removed once COMPLETE is written)
 
 
+def can_defer_copy(module: torch.nn.Module, zero_stage: int) -> bool:
+    """Whether the copy may overlap the next forward/backward: only if they change no saved state (no BatchNorm
+    running statistics) and ZeRO < 3 (whose forward gathers and releases the parameters)."""
+    return zero_stage < 3 and not any(getattr(m, "track_running_stats", False) for m in module.modules())
+
+
+def _storage_key(storage: torch.UntypedStorage) -> tuple:
+    return storage.device, storage.data_ptr(), storage.nbytes()  # one storage, however many views
+
+
 class Snapshot:
     """Host copies of the tensors of a state tree, storage by storage (views keep sharing one copy, so each file
     holds the same bytes a direct ``torch.save`` would). The buffers are kept and reused by the next save of the
@@ -71,7 +81,7 @@ class Snapshot:
 
         def keep(tensor: torch.Tensor) -> torch.Tensor:
             source = tensor.untyped_storage()
-            storages[(source.device, source.data_ptr(), source.nbytes())] = source.nbytes()
+            storages[_storage_key(source)] = source.nbytes()
             return tensor
 
         held = _map(tree, keep)
@@ -80,7 +90,7 @@ class Snapshot:
 
     def _tensor(self, tensor: torch.Tensor, name: str, copied: dict) -> torch.Tensor:
         source = tensor.untyped_storage()
-        key = (source.device, source.data_ptr(), source.nbytes())  # one storage, however many views
+        key = _storage_key(source)
         if key not in copied:
             copied[key] = self._copy_storage(source, (name, len(copied)))
         out = torch.empty(0, dtype=tensor.dtype).set_(

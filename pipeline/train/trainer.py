@@ -152,11 +152,9 @@ class Trainer:
         enabled = self.config.checkpoint.background_write
         if not (self.dev.type == "cuda" if enabled is None else enabled):
             return None
-        from pipeline.train.background import BackgroundCheckpointEngine
+        from pipeline.train.background import BackgroundCheckpointEngine, can_defer_copy
 
-        # The copy can overlap the next forward/backward when they change no saved state (background.py).
-        forward_changes_state = any(getattr(m, "track_running_stats", False) for m in self.engine.module.modules())
-        defer = self.config.deepspeed.zero_stage < 3 and not forward_changes_state
+        defer = can_defer_copy(self.engine.module, self.config.deepspeed.zero_stage)
         writer = BackgroundCheckpointEngine(self.env.rank, pin=self.dev.type == "cuda", defer_copy=defer)
         self.engine.checkpoint_engine = writer
         return writer

@@ -138,3 +138,18 @@ def test_a_failed_deferred_copy_does_not_leave_the_update_waiting(tmp_path: Path
         writer.wait_staged()
         writer.wait()
     assert not (tmp_path / "model.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "module, zero_stage, expected",
+    [
+        (torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)), 2, True),
+        (torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)), 2, False),  # forward updates stats
+        (torch.nn.Linear(2, 2), 3, False),  # ZeRO-3 gathers and releases parameters in the forward
+    ],
+    ids=["layernorm", "batchnorm", "zero3"],
+)
+def test_the_copy_is_deferred_only_when_the_forward_changes_no_saved_state(module, zero_stage, expected):
+    from pipeline.train.background import can_defer_copy
+
+    assert can_defer_copy(module, zero_stage) is expected
