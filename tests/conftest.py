@@ -30,6 +30,16 @@ def digits_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def unlabeled_shards(tmp_path_factory) -> Path:
+    """The digits train images without .cls (4 x 400), as `make shards --source digits --unlabeled` writes them."""
+    from pipeline.data.sources import write_digits
+
+    out = tmp_path_factory.mktemp("digits_unlabeled")
+    write_digits(out, samples_per_shard=400, unlabeled=True)
+    return out
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """The CLI exactly as the Makefile runs it, in a fresh process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -1,7 +1,8 @@
 """Self-supervised pretraining through the CLI with real DeepSpeed processes: MAE on unlabelled shards (2 ranks,
 ZeRO-2, 2 micro batches per step) stopped and resumed to the uninterrupted losses, its k-NN probe and picture in
-MLflow, a fine-tune from it (decoder dropped, pos_embed resampled), `make pipeline` with MAE, MAE under ZeRO-3,
-SimMIM with a Swin, and a supervised run refused on unlabelled shards."""
+MLflow, a fine-tune from it (decoder dropped, pos_embed resampled), MAE under ZeRO-3,
+SimMIM with a Swin, and a supervised run refused on unlabelled shards. (`make pipeline` with MAE:
+tests/e2e/test_pipeline_command.py.)"""
 
 from __future__ import annotations
 
@@ -18,16 +19,6 @@ pytestmark = pytest.mark.slow
 TOTAL_STEPS = 6
 STOP_AT = 3
 MAE_CONFIG = "configs/pretrain/digits_mae.yaml"
-
-
-@pytest.fixture(scope="session")
-def unlabeled_shards(tmp_path_factory) -> Path:
-    """The digits train images without .cls (4 x 400), as `make shards --source digits --unlabeled` writes them."""
-    from pipeline.data.sources import write_digits
-
-    out = tmp_path_factory.mktemp("digits_unlabeled")
-    write_digits(out, samples_per_shard=400, unlabeled=True)
-    return out
 
 
 def tiny(unlabeled: Path, labelled: Path, runs: Path, name: str, *extra: str, steps: int = TOTAL_STEPS) -> list[str]:
@@ -224,50 +215,3 @@ def test_a_supervised_run_on_unlabelled_shards_is_refused(unlabeled_shards, tmp_
     last = result.stderr.strip().splitlines()[-1]
     assert "hold no labels" in last and "objective.name=mae" in last
     assert not any(tmp_path.iterdir()), "nothing was started"
-
-
-def test_make_pipeline_pretrains_mae_then_fine_tunes_from_it(unlabeled_shards, digits_shards, tmp_path):
-    """`make pipeline PRETRAIN_CONFIG=configs/pretrain/digits_mae.yaml FINETUNE_CONFIG=configs/finetune/digits_mae.yaml`
-    with the data and sizes of the tests: each stage reads its own shards (unlabelled, then labelled)."""
-    pretrain_config, finetune_config = tmp_path / "mae.yaml", tmp_path / "finetune.yaml"
-    pretrain_config.write_text(
-        f"base: {ROOT / MAE_CONFIG}\n"
-        f"data: {{train_shards: '{unlabeled_shards}/train-{{000000..000003}}.tar', batch_size: 32}}\n"
-        "model: {img_size: 16}\n"
-        "objective: {decoder_dim: 16, decoder_depth: 1, decoder_heads: 2, pictures: 2}\n"
-        f"optim: {{epochs: {4 * 32 / 1497}, warmup_epochs: 0.01}}\n"
-    )
-    finetune_config.write_text(
-        f"base: {ROOT / 'configs/finetune/digits_mae.yaml'}\n"
-        f"data: {{train_shards: '{digits_shards}/train-{{000000..000003}}.tar', train_subset: 40, batch_size: 8}}\n"
-        "model: {img_size: 32}\n"
-        "optim: {epochs: 1, warmup_epochs: 0.5}\n"
-    )
-    result = run_cli(
-        "pipeline",
-        "--pretrain-config",
-        str(pretrain_config),
-        "--finetune-config",
-        str(finetune_config),
-        f"data.val_shards={digits_shards}/val-000000.tar",
-        "data.num_workers=1",
-        "model.embed_dim=32",
-        "model.depth=1",
-        "model.num_heads=2",
-        "deepspeed.precision=fp32",
-        "checkpoint.every_steps=0",
-        "eval.every_steps=0",
-        "launch.nproc=1",
-        f"run.root={tmp_path}",
-        "run.name=p",
-        cwd=ROOT,
-    )
-    _ok(result)
-    pretrain, finetune = tmp_path / "p-pretrain", tmp_path / "p-finetune"
-    assert json.loads((pretrain / "summary.json").read_text())["objective"] == "mae"
-    summary = json.loads((finetune / "summary.json").read_text())
-    assert summary["objective"] == "supervised" and summary["step"] == 40 // 8
-    assert json.loads((finetune / "pretrained.json").read_text())["run_dir"] == str(pretrain.resolve())
-    report = json.loads((finetune / "adaptation.json").read_text())
-    assert any(k.startswith("decoder_") for k in report["dropped"])
-    assert report["adapted"][0]["new_shape"] == [1, 65, 32]  # 4x4 patches + cls -> 8x8 + cls
