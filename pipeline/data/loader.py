@@ -126,14 +126,29 @@ def assemble(parts: list[Batch], chunk: int, out: Optional[torch.Tensor], pin: b
     pieces.sort(key=lambda piece: piece[0])
     total = sum(len(piece[2]) for piece in pieces)
     sample_shape = max((piece[1].shape[1:] for piece in pieces if len(piece[2])), default=(3, 1, 1))
-    if out is None or out.shape[1:] != sample_shape or out.shape[0] < total:
-        out = torch.empty((total, *sample_shape), dtype=parts[0].images.dtype, pin_memory=pin)
+    first = parts[0].images
+    channels_last = first.ndim == 4 and first.is_contiguous(memory_format=torch.channels_last)  # as the workers wrote
+    if (
+        out is None
+        or out.shape[1:] != sample_shape
+        or out.shape[0] < total
+        or out.is_contiguous(memory_format=torch.channels_last) != channels_last
+    ):
+        out = _batch_buffer(total, tuple(sample_shape), first.dtype, pin, channels_last)
     images = out[:total]
     if total:
         torch.cat([piece[1] for piece in pieces if len(piece[2])], out=images)
     labels = torch.cat([piece[2] for piece in pieces])
     keys = [k for piece in pieces for k in piece[3]]
     return Batch(images, labels, skipped, error, keys, parts[0].step), out
+
+
+def _batch_buffer(total: int, sample_shape: tuple, dtype: torch.dtype, pin: bool, channels_last: bool) -> torch.Tensor:
+    """(total, C, H, W) in the workers' memory layout, so that gathering the parts is a plain copy."""
+    if channels_last and len(sample_shape) == 3:
+        c, h, w = sample_shape
+        return torch.empty((total, h, w, c), dtype=dtype, pin_memory=pin).permute(0, 3, 1, 2)
+    return torch.empty((total, *sample_shape), dtype=dtype, pin_memory=pin)
 
 
 def split(batch: Batch, micro_batches: int) -> Iterator[Batch]:

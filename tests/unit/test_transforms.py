@@ -14,7 +14,14 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.data.batch import BatchBuilder
 from pipeline.data.samples import decode_sample
-from pipeline.data.transforms import FastRandomResizedCrop, LoadImage, WorkerTransform, build_transforms, load_rgb
+from pipeline.data.transforms import (
+    FastRandomResizedCrop,
+    LoadImage,
+    WorkerTransform,
+    build_transforms,
+    load_rgb,
+    load_rgb_array,
+)
 
 
 def _jpeg(width: int, height: int, seed: int = 0) -> bytes:
@@ -133,11 +140,36 @@ def test_non_jpeg_and_grey_images_load_as_rgb_at_full_size():
     assert img.mode == "RGB" and img.size == (300, 300)
 
 
+@pytest.mark.parametrize(
+    "mode, save",
+    [
+        ("RGB", {"quality": 90}),  # 4:2:0, the common case
+        ("RGB", {"quality": 95, "subsampling": 0, "progressive": True}),  # 4:4:4, progressive
+        ("L", {"quality": 90}),  # greyscale: replicated to three channels, as Pillow's convert does
+        ("CMYK", {"quality": 90}),  # libjpeg cannot make RGB of it: Pillow's decode is used
+    ],
+)
+@pytest.mark.parametrize("reduce", [1, 2, 4, 8])
+def test_jpegs_decode_to_pillows_pixels_at_full_and_reduced_size(mode, save, reduce):
+    """load_rgb_array (libjpeg-turbo into NumPy) gives Pillow's pixels bit for bit, at the scale of Pillow's draft."""
+    rgb = np.asarray(Image.open(io.BytesIO(_jpeg(333, 251))).convert("RGB"))
+    buf = io.BytesIO()
+    Image.fromarray(rgb).convert(mode).save(buf, format="JPEG", **save)
+    min_size = (333 // reduce, 251 // reduce) if reduce > 1 else None
+    expected = np.asarray(load_rgb(Image.open(io.BytesIO(buf.getvalue())), min_size))
+    lazy = Image.open(io.BytesIO(buf.getvalue()))
+    got = load_rgb_array(lazy, min_size)
+    assert got.shape == expected.shape == (-(-251 // reduce), -(-333 // reduce), 3)
+    assert got.dtype == np.uint8 and np.array_equal(got, expected)
+
+
 def test_truncated_jpeg_fails_in_the_transform_so_the_stream_can_count_it():
     data = _jpeg(200, 200)[:300]
     transform = build_transforms(_config(), 64, training=True)
     with pytest.raises(OSError):
         transform(decode_sample(_sample(data), lazy=True)[0])
+    with pytest.raises(OSError):  # the NumPy decode hands a damaged file to Pillow, which names it
+        load_rgb_array(Image.open(io.BytesIO(data)))
 
 
 def test_batch_builder_writes_images_as_chw_uint8_and_hands_over_partial_batches():
@@ -147,3 +179,8 @@ def test_batch_builder_writes_images_as_chw_uint8_and_hands_over_partial_batches
     images, labels, _keys = builder.take()
     assert images.shape == (3, 3, 5, 6) and images.dtype == torch.uint8
     assert images[2].eq(2).all() and labels.tolist() == [0, 1, 2] and len(builder) == 0
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    builder.add(Image.fromarray(pixels), 7)
+    images, _labels, _keys = builder.take()
+    assert images.is_contiguous(memory_format=torch.channels_last), "each image is one plain copy of its pixels"
+    assert torch.equal(images[0], torch.from_numpy(pixels).permute(2, 0, 1))
