@@ -10,6 +10,9 @@ Pretraining runs at low resolution, fine-tuning at a higher one. The only tensor
 * ``*.relative_position_index`` / ``*.attn_mask`` -> derived buffers; never copied, the target
   model's own (built for its window / resolution) are kept.
 
+A patch size chosen with the resolution (patch 8 at 64 px after patch 4 at 32 px) changes the
+patch-embedding kernel too: it is resampled FlexiViT-style (timm's ``resample_patch_embed``).
+
 Everything else must match exactly, except the classifier head, which may be re-initialised
 when ``num_classes`` changes. Any other shape mismatch is an error: silently skipping a
 mismatched tensor is how a fine-tune ends up quietly training from random init.
@@ -28,7 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed, resample_abs_pos_embed_nhwc
+from timm.layers import resample_abs_pos_embed, resample_abs_pos_embed_nhwc, resample_patch_embed
 from timm.layers.pos_embed_rel import resize_rel_pos_bias_table as _timm_resize_rel_pos_bias_table
 from torch import Tensor
 
@@ -400,8 +403,9 @@ def adapt_state_dict(
       ``reinit_head="auto"``; ``"always"`` drops it even if shapes match (new label set of the
       same size); ``None`` treats a head mismatch as an error.
     * any other shape mismatch: ``AdaptationError`` listing every offending key.
-      A patch-size change (``patch_embed.proj.weight`` kernel) is refused: we don't do
-      FlexiViT-style patch-embed resampling, fine-tune with the pretraining patch size.
+    * ``*patch_embed.proj.weight`` with another kernel size (a new patch size): FlexiViT's
+      pseudo-inverse resample (timm's ``resample_patch_embed``), so a patch upscaled with the image
+      embeds as the pretraining patch did; fine-tuning at 2x resolution with 2x patches keeps the token grid.
 
     ``rel_pos_method`` defaults to ``method`` (use "geometric" for timm's BEiT-style resize).
     Returns the new dict (tensors not adapted are the checkpoint's own objects) and a report.
@@ -474,10 +478,17 @@ def _adapt_tensor(k: str, v: Tensor, t: Tensor, model, old_grid, method, antiali
     elif same:
         return v
     elif k.endswith("patch_embed.proj.weight"):
-        raise AdaptationError(
-            f"{k}: checkpoint {_shape(v)} vs model {_shape(t)}: patch size / embed dim differs; "
-            f"patch-embedding resampling is not supported, fine-tune with the pretraining patch size"
-        )
+        if v.ndim != 4 or t.ndim != 4 or v.shape[:2] != t.shape[:2]:
+            raise AdaptationError(
+                f"{k}: checkpoint {_shape(v)} vs model {_shape(t)}: the embedding width or input channels differ "
+                f"(only the patch size may change)"
+            )
+        if method not in _ANTIALIAS_METHODS:
+            raise AdaptationError(
+                f"{k}: a new patch size is resampled with {' or '.join(_ANTIALIAS_METHODS)}, not {method}"
+            )
+        # FlexiViT's pseudo-inverse resize (timm's): a patch upsampled to the new size embeds as the old one did
+        new = resample_patch_embed(v, list(t.shape[-2:]), interpolation=method, antialias=antialias)
     else:
         raise AdaptationError(f"{k}: checkpoint {_shape(v)} vs model {_shape(t)}")
     if _shape(new) != _shape(t):  # defensive: never hand back a tensor that won't load

@@ -285,10 +285,37 @@ def test_wrong_shape_elsewhere_raises_naming_every_key():
     assert "blocks.1.norm1.bias" in msg
 
 
-def test_patch_size_change_refused():
-    sd = randomized_sd(vit(32))  # patch 4
-    dst = vit(64, patch_size=8)  # same 8x8 grid, different kernel
-    with pytest.raises(AdaptationError, match="patch-embedding resampling is not supported"):
+@pytest.mark.parametrize("make", [vit, swin], ids=["vit", "swin"])
+def test_patch_size_doubled_with_resolution_embeds_the_upscaled_image_as_before(make):
+    """FlexiViT resampling: patch 4 at 32 px -> patch 8 at 64 px keeps the token grid, and an image
+    whose patches are each upscaled 2x (bicubic, the resize the kernel was resampled for) gives the pretrained
+    model's features."""
+    src = make(32)
+    src.load_state_dict(randomized_sd(src))
+    dst = make(64, patch_size=8)
+    report = load_adapted(dst, src.state_dict())
+    assert [k for k, *_ in report.adapted] == ["patch_embed.proj.weight"]
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = src.forward_features(x)
+        after = dst.forward_features(_upscale_each_patch(x, 4))
+    assert after.shape == before.shape
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+def _upscale_each_patch(x, p):
+    """Each p x p patch resized to 2p x 2p on its own (bicubic, no antialias), the image reassembled."""
+    b, c, h, w = x.shape
+    patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, p, p)
+    up = F.interpolate(patches, size=(2 * p, 2 * p), mode="bicubic", align_corners=False)
+    up = up.reshape(b, h // p, w // p, c, 2 * p, 2 * p).permute(0, 3, 1, 4, 2, 5)
+    return up.reshape(b, c, 2 * h, 2 * w)
+
+
+def test_patch_embedding_of_another_width_refused():
+    sd = randomized_sd(vit(32))
+    dst = vit(64, patch_size=8, embed_dim=24, num_heads=3)
+    with pytest.raises(AdaptationError, match="only the patch size may change"):
         adapt_state_dict(sd, dst)
 
 
