@@ -132,11 +132,9 @@ def convert(tag_dir: Path, cache: Path) -> dict:
     """Full fp32 weights of the checkpoint as safetensors + pretrained.json, once (reused when cached)."""
     from pipeline.finetune.consolidate import CheckpointError, consolidate, save_safetensors
 
-    info_path = cache / INFO_FILE
-    if info_path.exists() and (cache / WEIGHTS_FILE).exists():
-        info = json.loads(info_path.read_text())
-        if info.get("checkpoint") == str(tag_dir):
-            return info
+    cached = _cached_conversion(cache, tag_dir)
+    if cached is not None:
+        return cached
     start = time.perf_counter()
     try:
         result = consolidate(tag_dir)
@@ -164,14 +162,31 @@ def convert(tag_dir: Path, cache: Path) -> dict:
     tmp.mkdir(parents=True)
     save_safetensors(state_dict, tmp / WEIGHTS_FILE, metadata={"source": str(tag_dir)})
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
-    shutil.rmtree(cache, ignore_errors=True)
-    tmp.replace(cache)
+    # fine-tunes started together convert the same checkpoint side by side: the first one's cache stays (another
+    # may be reading it); only a cache of another checkpoint is replaced
+    if _cached_conversion(cache, tag_dir) is None:
+        shutil.rmtree(cache, ignore_errors=True)
+        try:
+            tmp.replace(cache)
+        except OSError:  # another conversion landed in between
+            if _cached_conversion(cache, tag_dir) is None:
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"converted {tag_dir} (ZeRO-{result.zero_stage}, {result.world_size} rank(s)) to {cache / WEIGHTS_FILE} "
         f"in {time.perf_counter() - start:.1f}s",
         file=sys.stderr,
     )
     return info
+
+
+def _cached_conversion(cache: Path, tag_dir: Path) -> dict | None:
+    """The info of a complete conversion of ``tag_dir`` in ``cache``, if there is one."""
+    try:
+        info = json.loads((cache / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if info.get("checkpoint") == str(tag_dir) and (cache / WEIGHTS_FILE).exists() else None
 
 
 def _backbone_state(run: RunDir, state_dict: dict) -> dict:

@@ -137,6 +137,29 @@ def test_converted_weights_are_the_training_weights_of_that_step(stage_runs):
 PRETRAIN_MODEL = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2"]
 
 
+def test_a_conversion_another_fine_tune_finished_meanwhile_is_kept(stage_runs, tmp_path, monkeypatch):
+    """Fine-tunes started together convert the same checkpoint side by side; the one that finishes second must
+    not delete (or fail to replace) the cache the first is already loading."""
+    from pipeline.finetune import consolidate as consolidation
+    from pipeline.finetune import resolve
+
+    tag, cache, first = stage_runs["zero2"], tmp_path / "cache", {}
+    weights = cache / resolve.WEIGHTS_FILE
+
+    def consolidate_while_another_converts(tag_dir):
+        result = consolidate(tag_dir)
+        monkeypatch.setattr(consolidation, "consolidate", consolidate)
+        resolve.convert(tag_dir, cache)  # the other fine-tune, done first
+        first["inode"] = weights.stat().st_ino
+        return result
+
+    monkeypatch.setattr(consolidation, "consolidate", consolidate_while_another_converts)
+    info = resolve.convert(tag, cache)
+    assert info["checkpoint"] == str(tag)
+    assert weights.stat().st_ino == first["inode"], "the first conversion's files were replaced under its reader"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"], "a temporary conversion was left behind"
+
+
 @pytest.fixture(scope="module")
 def pretrained(digits_shards, tmp_path_factory):
     """The digits demo ViT made shallow and trained briefly at 32x32 (ZeRO-0 fp32, 1 rank): a real pipeline run,
