@@ -108,14 +108,13 @@ class _Relay:
                 p.send_signal(signum)
 
 
-def threads_per_rank(nproc: int, cpus: int | None = None) -> dict[str, str]:
+def threads_per_rank(nproc: int) -> dict[str, str]:
     """OMP_NUM_THREADS for each of nproc ranks on this machine: its share of the CPUs it may use, as torchrun
     sets one; unset, every rank starts one torch thread per core. Measured on 2 cores, the digits demo on 2
     ranks: 511 -> 542 images/s (docs/performance.md). A value the user set is kept."""
     if nproc <= 1 or "OMP_NUM_THREADS" in os.environ:
         return {}
-    cpus = cpus or len(os.sched_getaffinity(0))
-    return {"OMP_NUM_THREADS": str(max(1, cpus // nproc))}
+    return {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // nproc))}
 
 
 def _start(argv, nproc: int, log_dir: Path, node: str, attempt: int) -> tuple[list, list]:
