@@ -221,7 +221,7 @@ def test_sigint_to_the_launcher_alone_checkpoints_every_rank_and_mlflow_says_sto
     checkpoint, exit 3; MLflow marks the run KILLED/stopped; started again it is RUNNING, then FINISHED."""
     from mlflow.tracking import MlflowClient
 
-    steps = 14
+    steps = 400  # enough that the run cannot end before the signal lands (14 steps once finished within a second)
     job = Job(overrides(shards, tmp_path, "int", steps, "checkpoint.every_steps=0"), tmp_path, "int")
     job.wait_for_step(0, 3)
     os.kill(job.proc.pid, signal.SIGINT)  # the launcher's pid alone: the ranks have process groups of their own
