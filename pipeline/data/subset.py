@@ -3,7 +3,8 @@
 The subset is chosen once, from the labels alone (a walk over the tar headers reading only the tiny ``.cls``
 members, pipeline/data/tarscan.py), and cached under ``<run.root>/subsets/``: every rank, and every attempt,
 uses the same keys. Each class gets ``n // classes`` samples (the first ``n % classes`` classes one more), the
-ones whose keys hash lowest with the seed: a choice that does not depend on shard order or count.
+ones whose keys hash lowest with ``data.train_subset_seed``: a choice that does not depend on shard order or
+count, nor on ``run.seed`` (other training seeds see the same labels).
 """
 
 from __future__ import annotations
@@ -95,4 +96,4 @@ def _digest(shards: list[str], n: int, seed: int) -> str:
 
 def maybe_subset(config, train: list[str]) -> Optional[frozenset[str]]:
     n = config.data.train_subset
-    return None if not n else frozenset(subset_keys(train, n, config.run.seed, config.run.root))
+    return None if not n else frozenset(subset_keys(train, n, config.data.train_subset_seed, config.run.root))

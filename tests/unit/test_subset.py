@@ -45,3 +45,22 @@ def test_subset_of_real_shards_reads_labels_from_headers_and_is_cached(tmp_path)
     assert len(first) == 150 and cached.exists()
     with pytest.raises(SubsetError, match="more than the 1497 labelled train samples"):
         subset_keys(shards, 5000, seed=0, runs_root=str(tmp_path / "runs"))
+
+
+def test_the_subset_follows_its_own_seed_not_the_training_seed(tmp_path):
+    """Runs with other run.seeds fine-tune on the same labels; data.train_subset_seed picks another split."""
+    from pipeline.config import load_config
+    from pipeline.data.sources import write_digits
+    from pipeline.data.subset import maybe_subset
+
+    write_digits(tmp_path / "d", samples_per_shard=400)
+    shards = [str(tmp_path / "d" / f"train-{i:06d}.tar") for i in range(4)]
+
+    def keys(*overrides):
+        config = load_config("configs/finetune/digits_mae.yaml", [f"run.root={tmp_path / 'runs'}", *overrides])
+        return maybe_subset(config, shards)
+
+    default = keys()
+    assert len(default) == 150
+    assert keys("run.seed=1") == keys("run.seed=2") == default
+    assert keys("data.train_subset_seed=1") != default
