@@ -78,7 +78,7 @@ class DataConfig:
     # Train on this many labelled samples only, class-balanced and deterministic (few-label fine-tuning, e.g. 150)
     train_subset: Optional[int] = None
     # Which subset: its own seed, not run.seed, so that runs with other run.seeds train on the same labels and
-    # compare training, not data (as the fixed 1%/10% ImageNet label splits of SimCLR, used by MAE and DINO, do)
+    # compare training, not data (as the fixed 1%/10% ImageNet label splits SimCLR published, reused by later papers)
     train_subset_seed: int = 0
     record_keys: bool = False  # write each step's sample keys to <run>/keys/ (audits, the elastic-resume test)
     shuffle_buffer: int = 1000  # samples held for shuffling within each worker
