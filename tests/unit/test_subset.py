@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from pipeline.data.subset import SubsetError, choose, labelled_keys, subset_keys
+
+FINETUNE = Path(__file__).resolve().parents[2] / "configs/finetune/digits_mae.yaml"
 
 
 def test_choose_is_balanced_deterministic_and_independent_of_order():
@@ -57,7 +60,7 @@ def test_the_subset_follows_its_own_seed_not_the_training_seed(tmp_path):
     shards = [str(tmp_path / "d" / f"train-{i:06d}.tar") for i in range(4)]
 
     def keys(*overrides):
-        config = load_config("configs/finetune/digits_mae.yaml", [f"run.root={tmp_path / 'runs'}", *overrides])
+        config = load_config(FINETUNE, [f"run.root={tmp_path / 'runs'}", *overrides])
         return maybe_subset(config, shards)
 
     default = keys()
