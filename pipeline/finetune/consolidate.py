@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from pipeline.files import replacing
+
 MODEL_STATES = "*model_states.pt"
 OPTIM_STATES = "*_optim_states.pt"
 
@@ -224,10 +226,9 @@ def save_safetensors(state_dict: dict[str, Tensor], path: Path, metadata: Option
     """Atomically (a reader never sees half a file). Tensors must not share memory (``consolidate``'s don't)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(
-        {k: v.contiguous() for k, v in state_dict.items()},
-        str(tmp),
-        metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()},
-    )
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in state_dict.items()},
+            str(tmp),
+            metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()},
+        )

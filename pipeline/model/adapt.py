@@ -430,13 +430,9 @@ def adapt_state_dict(
         elif not isinstance(v, Tensor):
             errors.append(f"{k}: checkpoint value is {type(v).__name__}, not a tensor")
         else:
-            try:
-                new = _adapt_tensor(k, v, target[k], model, old_grid, method, antialias, rel_pos_method)
-            except AdaptationError as e:
-                errors.append(str(e))
-                continue
-            except ValueError as e:  # from the pure functions: attach the key
-                errors.append(f"{k}: {e}")
+            new = _adapt_or_error(k, v, target[k], model, old_grid, method, antialias, rel_pos_method)
+            if isinstance(new, str):
+                errors.append(new)
                 continue
             if new is not v:
                 report.adapted.append((k, _shape(v), _shape(new)))
@@ -447,6 +443,16 @@ def adapt_state_dict(
         )
     report.missing = [k for k in target if k not in sd and not k.endswith(_REBUILT_SUFFIXES)]
     return out, report
+
+
+def _adapt_or_error(k: str, v: Tensor, target: Tensor, model, old_grid, method, antialias, rel_pos_method):
+    """The adapted tensor, or the message saying why ``k`` cannot be adapted (collected, so all are reported)."""
+    try:
+        return _adapt_tensor(k, v, target, model, old_grid, method, antialias, rel_pos_method)
+    except AdaptationError as e:
+        return str(e)
+    except ValueError as e:  # from the pure functions: attach the key
+        return f"{k}: {e}"
 
 
 def _head_keys_to_reinit(model: torch.nn.Module, target: Mapping, sd: Mapping, reinit_head) -> set[str]:

@@ -28,7 +28,6 @@ overlap; measured on the 2-core VM: the loop's wait for a ViT-L save fell from t
 from __future__ import annotations
 
 import copy
-import os
 import queue
 import threading
 import time
@@ -40,7 +39,7 @@ from typing import Any, Optional
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from pipeline.files import fsync_path
+from pipeline.files import fsync_path, replacing
 
 WRITTEN = ".written-rank{rank:05d}"  # this rank's files of a tag are durable (removed once COMPLETE is written)
 
@@ -252,10 +251,8 @@ class BackgroundCheckpointEngine(TorchCheckpointEngine):
                 job.staged.set()
         size = 0
         for tree, path in job.files:
-            tmp = path.with_name(f".{path.name}.tmp")
-            super().save(tree, str(tmp))
-            fsync_path(tmp)
-            os.replace(tmp, path)
+            with replacing(path, fsync=True) as tmp:
+                super().save(tree, str(tmp))
             size += path.stat().st_size
         fsync_path(job.tag_dir)  # the renames
         marker = job.tag_dir / WRITTEN.format(rank=self.rank)
