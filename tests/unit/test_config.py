@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -266,4 +267,27 @@ def test_a_pattern_starting_with_a_brace_reaches_the_shard_list_through_the_cli(
     assert result.stderr.strip().splitlines() == [
         "error: data.train_shards: shard a/x-0.tar not found (and 3 more); build shards with 'make shards' or "
         "point data.train_shards at existing .tar files"
+    ]
+
+
+def make_pretrain(*variables: str) -> subprocess.CompletedProcess:
+    """``make pretrain`` on a config error (nothing trains); DEMO_SHARDS= skips building the demo shards."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        ["make", "-s", "pretrain", "DEMO_SHARDS=", *variables], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_make_lets_launch_nproc_in_args_win_over_nproc_and_still_refuses_it_twice():
+    errors = lambda result: [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # noqa: E731
+    typed = make_pretrain("NPROC=2", "ARGS=launch.nproc=0")  # 0: a config error, so nothing starts
+    assert typed.returncode == 2 and errors(typed) == ["error: launch.nproc=0 must be > 0"], typed.stderr
+    quoted = make_pretrain("NPROC=2", "ARGS=optim.lr=1e-3 'launch.nproc=0'")
+    assert quoted.returncode == 2 and errors(quoted) == ["error: launch.nproc=0 must be > 0"], quoted.stderr
+    from_nproc = make_pretrain("NPROC=0", "ARGS=optim.lr=1e-3")
+    assert from_nproc.returncode == 2 and errors(from_nproc) == ["error: launch.nproc=0 must be > 0"]
+    twice = make_pretrain("NPROC=2", "ARGS=launch.nproc=2 launch.nproc=3")
+    assert twice.returncode == 2 and errors(twice) == [
+        "error: override launch.nproc is given 2 times (2, 3); give it once."
     ]
