@@ -25,7 +25,10 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --locked --no-sync python
-LAUNCH_ARGS = $(if $(NPROC),launch.nproc=$(NPROC))
+# NPROC=N adds launch.nproc=N unless ARGS names launch.nproc itself: then what ARGS says wins (and is not given
+# twice); two launch.nproc in ARGS are still refused by the CLI as a duplicate
+NPROC_IN_ARGS = $(filter launch.nproc=% 'launch.nproc=% "launch.nproc=%,$(ARGS))
+LAUNCH_ARGS = $(if $(NPROC),$(if $(NPROC_IN_ARGS),,launch.nproc=$(NPROC)))
 # the demo's shards: digits with labels, and the same train split without (self-supervised pretraining)
 DEMO_SHARDS := data/digits/manifest.json data/digits_unlabeled/manifest.json
 

@@ -2,17 +2,22 @@
 
 Only omegaconf is imported here, so a typo in an override is reported before torch, timm or DeepSpeed load.
 Overrides mean exactly what was typed: the same key given twice is refused (a shell that brace-expanded
-``data.train_shards=x-{0..7}.tar`` into eight words would otherwise train on the last shard alone).
+``data.train_shards=x-{0..7}.tar`` into eight words would otherwise train on the last shard alone), and the value
+of a string-typed key is the text as typed, not YAML (``data.train_shards={a,b}/x-{0..1}.tar`` would be a YAML
+mapping, ``run.name=true`` a boolean); only YAML's null words (``null``, ``~``, nothing) still mean None.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -70,6 +75,49 @@ def check_overrides(overrides: Sequence[str]) -> list[str]:
     return list(overrides)
 
 
+NULL_WORDS = ("", "null", "Null", "NULL", "~")  # what YAML reads as None
+
+
+_UNKNOWN = object()
+
+
+def _schema_type(key: str, schema: type = Config) -> Any:
+    """The schema's type for ``key`` (e.g. ``data.train_shards``); ``Any`` below a dict-typed field
+    (``model.kwargs.drop_rate``), ``_UNKNOWN`` for a key the schema lacks."""
+    kind: Any = schema
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(kind):
+            return Any if typing.get_origin(kind) is dict else _UNKNOWN
+        kind = typing.get_type_hints(kind).get(part, _UNKNOWN)
+        if kind is _UNKNOWN:
+            return kind
+    return kind
+
+
+def is_string_key(key: str) -> bool:
+    """Whether the schema types ``key`` as ``str`` or ``Optional[str]``."""
+    kind = _schema_type(key)
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return kind is str or (typing.get_origin(kind) is typing.Union and args == [str])
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """``key=value`` items as a config tree: string-typed keys verbatim (and unknown ones: the merge names them),
+    the others parsed as YAML (numbers, booleans, lists), type-checked when merged over the schema."""
+    tree = OmegaConf.create()
+    for item in overrides:
+        key, text = item.split("=", 1)
+        if is_string_key(key) or _schema_type(key) is _UNKNOWN:
+            OmegaConf.update(tree, key, None if text in NULL_WORDS else text, force_add=True)
+            continue
+        try:
+            tree = OmegaConf.merge(tree, OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"override {key}: {text!r} is not a value of this key ({first})") from None
+    return tree
+
+
 def load_config(
     path: str | Path | None = None, overrides: Sequence[str] = (), *, stage: Optional[str] = None, check: bool = True
 ) -> Config:
@@ -82,7 +130,7 @@ def load_config(
             raise ConfigError(_describe(exc, str(path))) from None
     overrides = check_overrides(overrides)
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.merge(cfg, parse_overrides(overrides))
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc, "override")) from None
     config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]

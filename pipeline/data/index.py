@@ -6,12 +6,18 @@ planner then asks this module, which answers per shard from, cheapest first:
 * the cache ``.vitpipe-index.json`` next to the shards (or, where that folder is read-only, and for remote
   shards, a file under ``<run.root>/shard-index/``), valid while the shard's size and mtime are unchanged
   (remote shards cannot be checked cheaply: their entries are kept until ``make shards SHARDS_ARGS="--index
-  '<pattern>' --refresh"``; a remote shard that failed is never cached);
+  '<pattern>' --refresh"``);
 * img2dataset's ``<shard>_stats.json`` (``successes``) and a wids shard index (``{"wids_version": 1,
   "shardlist": [{"url", "nsamples"}]}``, any ``*.json`` beside the shards or ``data.manifest``), for sample
   counts, when the labels are not needed (the class count is known otherwise);
 * a walk over the tar headers (pipeline/data/tarscan.py): only the tiny ``.cls`` members are read, image bytes
   are skipped with seeks (or read past, for a stream), several shards at a time.
+
+A shard that cannot be read (its stream keeps failing after ``data.shard_retries`` retries, a command exiting
+non-zero, an unreadable file) does not stop the run: it is recorded as lost with 0 samples, named in the index
+line, and trained on only if it reads by then (counted as skipped if not). Such an entry, and a remote shard cut
+short, is cached only provisionally: the training ranks use what the CLI found moments before, the next run
+walks the shard again.
 
 Light on purpose (standard library only): the CLI plans the data before anything heavy is imported.
 """
@@ -40,14 +46,6 @@ INDEX_FORMAT, INDEX_VERSION = "vitpipe-shard-index", 1
 STATS_SUFFIX = "_stats.json"  # img2dataset: <shard stem>_stats.json beside each shard
 NOT_WIDS = ("manifest.json", "classes.json", INDEX_NAME)
 MAX_WIDS_FILES, MAX_WIDS_BYTES = 20, 64 * 2**20
-
-
-class ShardIndexError(ValueError):
-    """A shard cannot be indexed (unreachable after its retries); the message names it."""
-
-    def __init__(self, message: str, url: str):
-        super().__init__(message)
-        self.url = url
 
 
 @dataclass
@@ -123,16 +121,16 @@ def _stat(url: str) -> Optional[os.stat_result]:
         return None
 
 
-def _valid(entry: Optional[dict], st: Optional[os.stat_result], need_labels: bool) -> bool:
-    if not entry or (need_labels and entry.get("source") != "tar"):
+def _valid(entry: Optional[dict], st: Optional[os.stat_result], need_labels: bool, build: bool) -> bool:
+    if not entry or (need_labels and entry.get("source") != "tar") or (build and entry.get("provisional")):
         return False
     if st is None:  # remote: trusted until refreshed
         return True
     return entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
 
 
-def _cached(urls: list[str], runs_root: str, need_labels: bool, result: IndexResult) -> dict[str, os.stat_result]:
-    """Fill result.entries with the valid cached entries; returns the local shards' stats."""
+def _cached(urls: list[str], runs_root: str, need_labels: bool, build: bool, result: IndexResult) -> dict:
+    """Fill result.entries with the valid cached entries; returns the local shards' stats (url -> stat)."""
     stats, by_group = {}, {}
     for url in urls:
         by_group.setdefault(_group(url), []).append(url)
@@ -147,7 +145,7 @@ def _cached(urls: list[str], runs_root: str, need_labels: bool, result: IndexRes
         for url in members:
             st = stats[url] = _stat(url)
             entry = known.get(_entry_name(url))
-            if _valid(entry, st, need_labels):
+            if _valid(entry, st, need_labels, build):
                 result.entries[url] = entry
     return stats
 
@@ -239,7 +237,8 @@ def _read_wids(path: str) -> dict[str, int]:
 
 
 def _scan_one(url: str, policy: ReadPolicy, st: Optional[os.stat_result]) -> dict:
-    """The header walk of one shard (retried like a training stream when remote)."""
+    """The header walk of one shard (retried like a training stream when remote); a shard that still cannot be
+    read is an entry of source "lost" with 0 samples and the reason."""
     attempts = policy.retries + 1 if is_remote(url) else 1
     why = ""
     for attempt in range(attempts):
@@ -252,7 +251,12 @@ def _scan_one(url: str, policy: ReadPolicy, st: Optional[os.stat_result]) -> dic
             why = f"{type(exc).__name__}: {exc}"[:300]
             if attempt + 1 < attempts:
                 time.sleep(policy.backoff_s * 2**attempt)
-    raise ShardIndexError(f"cannot read shard {url} to index it ({attempts} attempt(s)): {why}", url)
+    tries = f" after {attempts} attempts" if attempts > 1 else ""
+    return _stamp({"source": "lost", "samples": 0, "lost": f"cannot read it{tries}: {why}"}, st)
+
+
+def is_lost(entry: Optional[dict]) -> bool:
+    return bool(entry) and entry.get("source") == "lost"
 
 
 def _scan(urls: list[str], policy: ReadPolicy, stats: dict) -> dict[str, dict]:
@@ -274,11 +278,12 @@ def index_shards(
     refresh: bool = False,
 ) -> IndexResult:
     """Entries for these shards: cached, from other tools' counts, or walked now (and cached). ``build=False``
-    (a training rank): only what the cache already holds. ShardIndexError when a shard cannot be read."""
+    (a training rank): only what the cache already holds, provisional entries included. A shard that cannot be
+    read is an entry with ``source: "lost"`` (see is_lost)."""
     urls = list(dict.fromkeys(urls))
     start = time.perf_counter()
     result = IndexResult()
-    stats = _cached(urls, runs_root, need_labels, result) if not refresh else {u: _stat(u) for u in urls}
+    stats = _cached(urls, runs_root, need_labels, build, result) if not refresh else {u: _stat(u) for u in urls}
     if refresh:
         result.entries.clear()
     missing = [u for u in urls if u not in result.entries]
@@ -297,8 +302,8 @@ def index_shards(
 def _save(entries: dict[str, dict], runs_root: str) -> list[str]:
     by_group: dict[tuple[str, bool], dict[str, dict]] = {}
     for url, entry in entries.items():
-        if is_remote(url) and entry.get("error"):
-            continue  # a remote shard that failed part-way may be fine next time
+        if is_lost(entry) or (is_remote(url) and entry.get("error")):  # may be fine next time: walked again
+            entry = {**entry, "provisional": True}
         by_group.setdefault((_group(url), is_remote(url)), {})[_entry_name(url)] = entry
     written = [_write_cache(group, e, runs_root, remote) for (group, remote), e in by_group.items()]
     return [str(p) for p in written if p is not None]

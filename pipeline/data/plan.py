@@ -15,7 +15,7 @@ from typing import Optional
 
 import braceexpand
 
-from pipeline.data.index import IndexResult, ShardIndexError, index_shards
+from pipeline.data.index import IndexResult, index_shards, is_lost
 from pipeline.data.lineage import dataset_record
 from pipeline.data.manifest import counts_in_manifest, find_classes, find_manifest, is_wids_index
 from pipeline.data.reader import ReadPolicy
@@ -234,20 +234,16 @@ def describe_shards(config, train: list[str], val: list[str], build_index: bool 
         return facts
     need_labels = num_classes is None
     build = build_index and (need_labels or (train_counts is None and not d.train_samples and not d.samples_per_epoch))
-    try:
-        result = index_shards(
-            to_index, runs_root=config.run.root, need_labels=need_labels and build, policy=read_policy(d),
-            wids=wids, build=build,
-        )  # fmt: skip
-    except ShardIndexError as exc:
-        key = "data.val_shards" if exc.url in val else "data.train_shards"
-        raise DataError(
-            f"{key}: {exc}; fix the path, URL or command, or set data.train_samples and model.num_classes to skip indexing"
-        ) from None
+    result = index_shards(
+        to_index, runs_root=config.run.root, need_labels=need_labels and build, policy=read_policy(d),
+        wids=wids, build=build,
+    )  # fmt: skip
+    _refuse_all_lost({"data.train_shards": train, "data.val_shards": val}, result.entries)
     _use_index(facts, result, train, val)
     scanned = [result.entries[u] for u in train if (result.entries.get(u) or {}).get("source") == "tar"]
+    lost = sum(is_lost(result.entries.get(u)) for u in train)
     facts.unlabeled = facts.unlabeled or (
-        bool(scanned) and len(scanned) == len(train) and not any(e.get("labeled") for e in scanned)
+        bool(scanned) and len(scanned) == len(train) - lost and not any(e.get("labeled") for e in scanned)
     )
     where = f"model.num_classes={config.model.num_classes}" if config.model.num_classes else classes_from
     _check_labels({"data.train_shards": train, "data.val_shards": val}, result.entries, facts.num_classes, where)
@@ -290,6 +286,17 @@ def _use_index(facts: ShardFacts, result: IndexResult, train: list[str], val: li
     if facts.num_classes is None:
         tops = [e["cls_max"] for e in entries.values() if e.get("source") == "tar" and e.get("cls_max") is not None]
         facts.num_classes = max(tops) + 1 if tops and max(tops) >= 0 else None
+
+
+def _refuse_all_lost(splits: dict[str, list[str]], entries: dict[str, dict]) -> None:
+    """A split none of whose shards could be read (each retried): nothing to train or evaluate on, one error."""
+    for key, urls in splits.items():
+        if urls and all(is_lost(entries.get(u)) for u in urls):
+            hint = "fix the path, URL or command" + (", or leave it out (data.val_shards=null)" if "val" in key else "")
+            raise DataError(
+                f"{key}: none of its {len(urls)} shard(s) could be read to index it ({urls[0]}: "
+                f"{entries[urls[0]]['lost']}); {hint}"
+            )
 
 
 def _check_labels(splits: dict[str, list[str]], entries: dict[str, dict], num_classes, where) -> None:
@@ -335,6 +342,11 @@ def index_note(result: IndexResult, num_classes: Optional[int]) -> str:
 
 def _index_problems(entries: dict[str, dict]) -> str:
     text = ""
+    lost = [(u, e["lost"]) for u, e in entries.items() if is_lost(e)]
+    if lost:
+        (first, why), others = lost[0], [_short(u) for u, _ in lost[1:4]] + (["..."] if len(lost) > 4 else [])
+        text += f"; {len(lost)} shard(s) could not be read, counted as 0 samples, not cached as good: {_short(first)}"
+        text += f" ({why})" + "".join(f", {name}" for name in others)
     broken = [(u, e["error"]) for u, e in entries.items() if e.get("error")]
     if broken:
         first, why = broken[0]
@@ -358,12 +370,10 @@ def _short(path: str) -> str:
 
 def index_pattern(pattern: str, *, runs_root: str = "runs", refresh: bool = False) -> tuple[IndexResult, str]:
     """``make shards SHARDS_ARGS="--index '<pattern>'"``: index (or re-index) shards, check their labels;
-    (result, the one-line report). DataError for missing shards or bad labels."""
+    (result, the one-line report). DataError for missing shards, bad labels, or when no shard could be read."""
     urls = expand_shards(pattern, "--index")
-    try:
-        result = index_shards(urls, runs_root=runs_root, need_labels=True, refresh=refresh)
-    except ShardIndexError as exc:
-        raise DataError(f"--index: {exc}") from None
+    result = index_shards(urls, runs_root=runs_root, need_labels=True, refresh=refresh)
+    _refuse_all_lost({"--index": urls}, result.entries)
     try:
         found = find_classes(urls)
     except ValueError as exc:

@@ -78,7 +78,9 @@ def _one_shard(url: str, on_lost, policy: ReadPolicy, expected: Optional[int]) -
                 time.sleep(wait)
     lost = max(1, expected - delivered) if expected is not None else 1
     tries = f" after {attempts} attempts" if attempts > 1 else ""
-    on_lost(url, f"shard {local_path(url)} given up{tries} at sample {delivered}: {why}", lost)
+    message = f"shard {local_path(url)} given up{tries} at sample {delivered}: {why}"
+    log.warning("%s (%d sample(s) not read)", message, lost)  # named in the log whatever the window reports last
+    on_lost(url, message, lost)
 
 
 def _uncompressed(url: str) -> bool:

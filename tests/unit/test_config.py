@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,74 @@ def test_timm_names_are_cached_per_version_and_the_check_then_needs_no_timm(tmp_
     )
     later = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert later.stdout.strip().splitlines()[-1] == "vit_tiny_patch16_224 []", later.stdout + later.stderr
+
+
+@pytest.mark.parametrize(
+    "key, typed, expected",
+    [
+        ("data.train_shards", "{a,b}/x-{0..1}.tar", None),  # YAML would read a mapping
+        ("data.train_shards", "{a,b}/x-{0..1}.tar::pipe:cat {c,d}/y-{00..09}.tar", None),
+        ("data.val_shards", "[x]-{0..1}.tar", None),  # YAML: a list
+        ("data.val_shards", "https://h/v-{0..1}.tar?sig=a:b,c", None),
+        ("data.val_shards", "null", "None"),  # YAML's null words still mean None
+        ("run.name", "true", None),  # YAML: a boolean
+        ("run.name", "007", None),  # YAML: the number 7
+        ("launch.slurm.partition", "{gpu: a}", None),
+    ],
+)
+def test_a_string_key_takes_the_typed_text_verbatim(key, typed, expected):
+    config = load_config(DEMO, [f"{key}={typed}"])
+    section, *path = key.split(".")
+    value = getattr(config, section)
+    for part in path:
+        value = getattr(value, part)
+    assert repr(value) == (expected or repr(typed))
+
+
+def test_a_key_of_another_type_is_still_parsed_and_checked():
+    config = load_config(DEMO, ["data.batch_size=32", "data.resampled=false", "model.kwargs.drop_rate=0.1"])
+    assert config.data.batch_size == 32 and config.data.resampled is False and config.model.kwargs == {"drop_rate": 0.1}
+    with pytest.raises(ConfigError, match=r"key 'data\.batch_size'.*could not be converted to Integer"):
+        load_config(DEMO, ["data.batch_size={a,b}"])
+    with pytest.raises(ConfigError, match=r"override data\.batch_size: '\[3' is not a value of this key \(while"):
+        load_config(DEMO, ["data.batch_size=[3"])  # not YAML: one line, not a parser traceback
+    with pytest.raises(ConfigError, match=r"key 'run\.root'.*Incompatible value 'None'"):
+        load_config(DEMO, ["run.root=null"])  # a str that may not be None
+    with pytest.raises(ConfigError, match=r"data\.train_shardz.*Did you mean"):
+        load_config(DEMO, ["data.train_shardz={a,b}.tar"])
+
+
+def test_a_pattern_starting_with_a_brace_reaches_the_shard_list_through_the_cli(tmp_path):
+    """Parsed as typed and expanded by the planner: the error names its first expansion, not a YAML error."""
+    result = run_cli(
+        "pretrain", "--config", str(DEMO), "data.train_shards={a,b}/x-{0..1}.tar", f"run.root={tmp_path}/runs",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: data.train_shards: shard a/x-0.tar not found (and 3 more); build shards with 'make shards' or "
+        "point data.train_shards at existing .tar files"
+    ]
+
+
+def make_pretrain(*variables: str) -> subprocess.CompletedProcess:
+    """``make pretrain`` on a config error (nothing trains); DEMO_SHARDS= skips building the demo shards."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        ["make", "-s", "pretrain", "DEMO_SHARDS=", *variables], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_make_lets_launch_nproc_in_args_win_over_nproc_and_still_refuses_it_twice():
+    errors = lambda result: [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # noqa: E731
+    typed = make_pretrain("NPROC=2", "ARGS=launch.nproc=0")  # 0: a config error, so nothing starts
+    assert typed.returncode == 2 and errors(typed) == ["error: launch.nproc=0 must be > 0"], typed.stderr
+    quoted = make_pretrain("NPROC=2", "ARGS=optim.lr=1e-3 'launch.nproc=0'")
+    assert quoted.returncode == 2 and errors(quoted) == ["error: launch.nproc=0 must be > 0"], quoted.stderr
+    from_nproc = make_pretrain("NPROC=0", "ARGS=optim.lr=1e-3")
+    assert from_nproc.returncode == 2 and errors(from_nproc) == ["error: launch.nproc=0 must be > 0"]
+    twice = make_pretrain("NPROC=2", "ARGS=launch.nproc=2 launch.nproc=3")
+    assert twice.returncode == 2 and errors(twice) == [
+        "error: override launch.nproc is given 2 times (2, 3); give it once."
+    ]

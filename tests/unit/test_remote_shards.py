@@ -1,6 +1,7 @@
-"""Remote shards against a real HTTP server on 127.0.0.1 and real ``pipe:`` commands: they train and index like
-local ones; a stream that breaks half-way is retried and continues after its last delivered sample (no sample
-twice); one that keeps failing (dropped, silent, a command exiting non-zero) is given up, counted and named."""
+"""Remote shards against a real HTTP server on 127.0.0.1 and real ``pipe:`` commands: they train, evaluate and
+index like local ones; a stream that breaks half-way is retried and continues after its last delivered sample (no
+sample twice); one that keeps failing (dropped, silent, a command exiting non-zero) is given up, counted and named,
+in the loader and in the index alike (only a split none of whose shards can be read stops the run)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data.index import index_shards
+from pipeline.data.plan import plan_data
 from pipeline.data.reader import ReadPolicy, shard_samples
 from pipeline.data.samples import Counter
-from tests.foreign import write_foreign
+from tests.conftest import ROOT, run_cli
+from tests.foreign import tar_listing, write_foreign
 from tests.shardserver import ShardServer
 
 FAST = ReadPolicy(retries=2, timeout_s=5.0, backoff_s=0.01)
@@ -72,6 +75,81 @@ def test_a_shard_that_keeps_dropping_is_given_up_counted_and_named(shards):
     assert (
         "train-0001.tar given up after 3 attempts" in counter.last_error and "connection closed" in counter.last_error
     )
+
+
+def test_a_shard_that_keeps_dropping_while_indexing_is_lost_named_and_walked_again(shards, tmp_path):
+    """Retried like a training stream, then an entry of 0 samples: cached only for the run's own ranks
+    (build=False), walked again by the next run."""
+    runs = str(tmp_path / "runs")
+    with ShardServer(Path(shards.shards[0]).parent) as server:
+        server.faults["train-0001.tar"] = ["drop"] * 3  # the first try and FAST's 2 retries
+        urls = [server.url(Path(p).name) for p in shards.shards]
+        first = index_shards(urls, runs_root=runs, policy=FAST)
+        tried = len(server.requests["train-0001.tar"])
+        for_ranks = index_shards(urls, runs_root=runs, policy=FAST, build=False, need_labels=False)  # as a rank asks
+        again = index_shards(urls, runs_root=runs, policy=FAST)
+        requests = server.requests["train-0001.tar"]
+    lost = first.entries[urls[1]]
+    assert lost["source"] == "lost" and tried == 3
+    assert "after 3 attempts" in lost["lost"] and "connection closed" in lost["lost"]
+    assert [e["samples"] for e in first.entries.values()] == [10, 0, 10] and first.scanned == 3
+    assert [e["samples"] for e in for_ranks.entries.values()] == [10, 0, 10] and for_ranks.scanned == 0
+    assert [e["samples"] for e in again.entries.values()] == [10, 10, 10] and again.scanned == 1, "walked again"
+    assert len(requests) == 4 and again.entries[urls[1]]["source"] == "tar"
+
+
+def test_a_run_plans_past_a_shard_it_cannot_index_and_stops_only_when_none_can_be_read(shards, tmp_path):
+    with ShardServer(Path(shards.shards[0]).parent) as server:
+        server.faults["train-0001.tar"] = ["drop"] * 2  # data.shard_retries=1: every try
+        settings = ["data.val_shards=null", "data.batch_size=4"]
+        pattern = server.url("train-{0000..0002}.tar")
+        typed = [f"data.train_shards={pattern}", "data.shard_retries=1", f"run.root={tmp_path}/runs", *settings]
+        plan = plan_data(load_config(None, typed), 1)
+        server.faults["train-0002.tar"] = ["drop"]  # the only shard, tried once (data.shard_retries=0)
+        only = server.url("train-0002.tar")
+        typed = [f"data.train_shards={only}", "data.shard_retries=0", f"run.root={tmp_path}/other", *settings]
+        refused = run_cli("pretrain", *typed, cwd=ROOT, timeout=120)  # a fresh run.root: nothing cached
+    assert plan.train_samples == 20 and plan.train_counts == (10, 0, 10) and plan.num_classes == 10
+    assert (
+        f"; 1 shard(s) could not be read, counted as 0 samples, not cached as good: {server.url('train-0001.tar')} "
+        "(cannot read it after 2 attempts: ShardStreamError: connection closed after " in plan.notes[-1]
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"error: data.train_shards: none of its 1 shard(s) could be read to index it ({only}: cannot read it: "
+        f"ShardStreamError: connection closed after {refused.stderr.split('connection closed after ')[1].split(' of ')[0]}"
+        f" of {Path(shards.shards[2]).stat().st_size:,} bytes of {only}); fix the path, URL or command"
+    ]
+    assert not [p for p in (tmp_path / "other").glob("*") if p.name != "shard-index"], "no run was created"
+
+
+def test_pipe_shards_are_indexed_and_evaluated_and_a_failing_command_is_lost_in_both(shards, tmp_path):
+    """https:// goes through the same urllib opener as http:// (pipeline/data/remote.py); pipe: has its own."""
+    import torch
+
+    from pipeline.data.stream import StreamSpec, make_loader
+
+    good = [f"pipe:cat {shlex.quote(p)}" for p in shards.shards]
+    failing = f"pipe:head -c 30000 {shlex.quote(shards.shards[1])}; exit 3"
+    indexed = index_shards([good[0], failing, good[2]], runs_root=str(tmp_path / "runs"), policy=FAST)
+    entries = list(indexed.entries.values())
+    assert [e["samples"] for e in entries] == [10, 0, 10] and [e["members"] for e in entries[::2]] == [
+        tar_listing(p)[0] for p in shards.shards[::2]
+    ]
+    assert entries[1]["source"] == "lost" and "exited with status 3" in entries[1]["lost"]
+
+    spec = StreamSpec(
+        (good[0], failing, good[2]), seed=0, rank=0, world=1, workers=1, training=False, batch_size=4, read=FAST,
+        num_classes=10, shard_counts=(10, 10, 10),
+    )  # fmt: skip
+    batches = list(make_loader(spec, lambda im: torch.tensor(im.size)))
+    keys = [k for b in batches for k in b.keys]
+    from_failing = [k for k in keys if k.startswith("train0001/")]
+    assert keys[:10] == [k for k, _ in shards.samples[shards.shards[0]]] and keys[-10:] == local_keys(shards)[-10:]
+    assert 0 < len(from_failing) < 10 and len(keys) == 20 + len(from_failing)
+    assert sum(b.skipped for b in batches) == 10 - len(from_failing), "the failing command's undelivered samples"
+    labels = [int(label) for b in batches for label in b.labels]
+    assert labels[:10] == [c for _, c in shards.samples[shards.shards[0]]]
 
 
 def test_a_silent_server_times_out_instead_of_hanging(shards):
