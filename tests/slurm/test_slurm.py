@@ -547,6 +547,106 @@ def test_a_job_waiting_for_a_down_node_is_reported_not_left_pending(slurm_cluste
     subprocess.run(["scancel", job_id], check=False)
 
 
+def scontrol_value(kind: str, name: str, key: str) -> str:
+    """One field of `scontrol show <kind> <name>` (e.g. a partition's MaxTime), to put it back after a test."""
+    out = subprocess.run(["scontrol", "show", kind, name, "-o"], capture_output=True, text=True, check=True).stdout
+    return next(f.split("=", 1)[1] for f in out.split() if f.startswith(f"{key}="))
+
+
+def squeue_line(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.slurm
+def test_a_queued_job_whose_nodes_go_down_ends_the_wait_with_the_reason(slurm_cluster, tmp_path, digits_shards):
+    """After submitting: a 2-node job queued behind a job on both nodes (Reason=Resources: it will start), then
+    node2 is drained. Its reason stays "Resources" (shown as "Nodes required for job are DOWN, DRAINED or
+    reserved..."), and now it can never start: `launch.wait=true` says so and exits non-zero, the job left queued.
+    (Runs before the module's jobs start, while the cluster is idle.)"""
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", "-N2", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 600"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    run = None
+    try:
+        wait_until(lambda: squeue_line(blocker).startswith("RUNNING"), f"the blocking job {blocker} to run")
+        run = Run(tmp_path, digits_shards, "queued")  # launch.wait=true
+        job_id = run.job_id()
+        wait_until(lambda: "queued: job" in run.cli.output() or run.cli.proc.poll() is not None, "the queued report")
+        assert run.cli.proc.poll() is None, run.cli.output()[-3000:]  # it waits, as it should for Resources
+        subprocess.run(["scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=vitpipe-test"], check=True)
+        code, output = run.cli.finish(timeout_s=300)
+        pending = squeue_line(job_id)
+    finally:
+        subprocess.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], check=True)
+        subprocess.run(["scancel", blocker, *([run.status["job_id"]] if run and run.status.get("job_id") else [])])
+    assert code == 1, output[-3000:]
+    assert f"submitted Slurm job {job_id}" in output
+    assert f"queued: job {job_id} is pending (Reason=" in output  # Resources, or Priority behind the blocker
+    assert (
+        f"error: job {job_id} cannot start: pending, Reason=Nodes required for job are DOWN, DRAINED" in output
+        and "; partition debug has 1 usable node(s), the job needs 2 (nodes down or drained)" in output
+        and f"scancel {job_id}" in output
+    ), output[-3000:]
+    assert pending.startswith("PENDING|")  # reported and left queued, for its owner to cancel or wait out
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize(
+    "ask, needle, offer",
+    [
+        ("launch.slurm.mem_gb=16", "16 GB (launch.slurm.mem_gb)", "7 GB"),
+        ("launch.gpus_per_node=1", "1 GPUs, but partition debug has 0 such node(s)", "0 GPUs"),
+    ],
+)
+def test_memory_or_gpus_the_nodes_lack_are_refused_before_submitting(
+    slurm_cluster, tmp_path, digits_shards, ask, needle, offer
+):
+    """The nodes have 4 CPUs, 8000 MB and no GPUs: asking more is refused with exit 2, what was asked and what the
+    largest node has named; nothing is submitted."""
+    result = run_cli(
+        "pretrain",
+        "launch.cluster=slurm",
+        f"launch.slurm_profile={PROFILE}",
+        "launch.nodes=2",
+        "launch.slurm.cpus_per_task=1",
+        *shard_overrides(digits_shards),
+        ask,
+        f"run.root={tmp_path}",
+        "run.name=x",
+        cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "the job can never start" in last and needle in last and "its largest node has 4 CPUs" in last
+    assert offer in last and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slurm
+def test_a_time_limit_above_the_partitions_is_refused_before_submitting(slurm_cluster, tmp_path, digits_shards):
+    """The partition's MaxTime set to 10 min (scontrol, put back after): the profile's time_min=30 is refused."""
+    before = scontrol_value("partition", "debug", "MaxTime")
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=10"], check=True)
+    try:
+        result = run_cli(
+            "pretrain",
+            "launch.cluster=slurm",
+            f"launch.slurm_profile={PROFILE}",
+            "launch.slurm.cpus_per_task=1",
+            *shard_overrides(digits_shards),
+            f"run.root={tmp_path}",
+            "run.name=x",
+            cwd=ROOT,
+        )
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", f"MaxTime={before}"], check=True)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "launch.slurm.time_min=30 exceeds the time limit of partition debug (10 min)" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.slurm
 def test_two_node_run_completes_on_both_nodes(jobs):
     """The pretraining job of `pipeline`: rank 0's progress streams to the submitter, both nodes train,
