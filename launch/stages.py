@@ -265,13 +265,24 @@ def starts(job, seconds: float = 30.0) -> bool:
         )
         return False
     if verdict == "blocked":
-        print(
-            f"error: job {job.job_id} cannot start: pending, Reason={reason} (nodes down or drained); "
-            f"scancel {job.job_id}, or bring the nodes back",
-            file=sys.stderr,
-        )
+        print(cannot_start(job.job_id, reason), file=sys.stderr)
         return False
+    if verdict == "queued":
+        print(f"  queued: job {job.job_id} is pending (Reason={reason})", file=sys.stderr)
     return True
+
+
+def cannot_start(job_id: str, reason: str) -> str:
+    """The report on a job left queued that waits for what will not come by itself: nodes that are down or
+    drained, or (a job queued again after a limit changed) a limit it exceeds."""
+    from launch.slurm.status import NEVER_STARTS
+
+    if reason in NEVER_STARTS:
+        return f"error: job {job_id} can never start: pending, Reason={reason}; scancel {job_id}, or change the limit"
+    return (
+        f"error: job {job_id} cannot start: pending, Reason={reason} (nodes down or drained); "
+        f"scancel {job_id}, or bring the nodes back"
+    )
 
 
 def follow_slurm_job(job, run: RunDir, resume: str) -> int:
@@ -288,12 +299,8 @@ def follow_slurm_job(job, run: RunDir, resume: str) -> int:
             file=sys.stderr,
         )
         return 130
-    if outcome.status == "blocked":
-        print(
-            f"error: job {job.job_id} cannot start: pending, Reason={outcome.reason}; scancel {job.job_id}, "
-            f"or fix what it waits for",
-            file=sys.stderr,
-        )
+    if outcome.status == "blocked":  # it was queued, then the nodes it needs went down (or a limit changed)
+        print(cannot_start(job.job_id, outcome.reason), file=sys.stderr)
         return 1
     if outcome.status == "completed":
         print(f"finished: {run} (Slurm job {job.job_id})\n  summary: {run.summary}\n  MLflow: make ui", file=sys.stderr)

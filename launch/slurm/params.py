@@ -131,6 +131,19 @@ def _run(cmd: list[str]) -> Optional[str]:
     return out.stdout if out.returncode == 0 else None
 
 
+def usable(state: str) -> bool:
+    """A node in this sinfo state (%T) can take a job now or once its jobs end: not down, drained or draining."""
+    return state.rstrip("*~#!%$@^-").lower() not in ("down", "drained", "draining", "fail", "failing", "future")
+
+
+def usable_node_count(partition: str) -> Optional[int]:
+    """How many nodes of the partition are usable (None: sinfo did not answer)."""
+    out = _run(["sinfo", "-h", "-N", "-p", partition, "-o", "%N|%T"])
+    if out is None:
+        return None
+    return len({name for name, _, state in (line.partition("|") for line in out.splitlines()) if usable(state)})
+
+
 def partition_nodes(partition: Optional[str]) -> tuple[Optional[str], list[dict]]:
     """(partition name, its usable nodes: cpus, memory MB, gpus), from sinfo; ([], None) without Slurm clients."""
     out = _run(["sinfo", "-h", "-N", "-o", "%P|%N|%c|%m|%G|%T"] + (["-p", partition] if partition else []))
@@ -142,7 +155,7 @@ def partition_nodes(partition: Optional[str]) -> tuple[Optional[str], list[dict]
         if partition is None and not part.endswith("*"):
             continue
         default = part.rstrip("*")
-        if state.rstrip("*~#!%$@^-").lower() in ("down", "drained", "draining", "fail", "failing", "future"):
+        if not usable(state):
             continue
         gpus = sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:(,]+)?:(\d+)", gres))
         nodes[name] = {"cpus": int(cpus or 0), "mem_mb": int(float(mem or 0)), "gpus": gpus}

@@ -120,21 +120,48 @@ NEVER_STARTS = (
 )
 
 
+# Reasons of a job that waits for nodes which are down, drained or reserved. Slurm 22.05 says "ReqNodeNotAvail,
+# UnavailableNodes:..." of a job submitted while they are down, but of a job already pending when they go down the
+# reason stays "Resources" with this description, the text squeue's %r shows. Down/drained and merely reserved
+# (which clears) read alike: the partition's usable node count tells them apart.
+NODES_UNAVAILABLE = ("ReqNodeNotAvail", "Nodes required for job are DOWN, DRAINED")
+
+
+def classify_pending(state: str, reason: str, needed_nodes: Optional[int], usable_nodes: Optional[int]) -> str:
+    """The verdict on one squeue line of a job (state, %r reason, nodes it asks for, usable nodes of its partition;
+    None: unknown): "running" (started or gone), "queued" (pending for a reason that clears by itself: priority,
+    resources, a dependency, a reservation), "never" (a limit it exceeds), "blocked" (fewer usable nodes than it
+    needs: down or drained), or "unknown" (the scheduler has not looked at it yet)."""
+    if state != "PENDING":
+        return "running"
+    if reason in NEVER_STARTS:
+        return "never"
+    if reason.startswith(NODES_UNAVAILABLE):
+        if reason.startswith("ReqNodeNotAvail, UnavailableNodes:"):  # the nodes it asks for are down or drained
+            return "blocked"
+        if usable_nodes is not None and needed_nodes is not None and usable_nodes < needed_nodes:
+            return "blocked"
+        return "queued"  # reserved (for maintenance, for jobs of higher priority): that ends
+    return "unknown" if reason in ("None", "") else "queued"
+
+
 def pending_verdict(job_id: str) -> tuple[str, str]:
-    """(verdict, Slurm's reason) for a job just submitted: "running" (started or gone), "queued" (pending for a
-    reason that clears by itself: priority, resources, a dependency), "never" (a limit it exceeds), "blocked"
-    (nodes it needs are down or drained), or "unknown" (the scheduler has not looked at it yet)."""
+    """(verdict, Slurm's reason) for a job (see classify_pending); a "blocked" reason says how many nodes the
+    partition has left."""
     try:
         out = subprocess.run(
-            ["squeue", "-h", "-j", str(job_id), "-o", "%T|%r"], capture_output=True, text=True, timeout=30
+            ["squeue", "-h", "-j", str(job_id), "-o", "%T|%r|%D|%P"], capture_output=True, text=True, timeout=30
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown", ""
-    state, _, reason = out.partition("|")
-    if state != "PENDING":
-        return "running", reason
-    if reason in NEVER_STARTS:
-        return "never", reason
-    if reason.startswith("ReqNodeNotAvail"):
-        return "blocked", reason
-    return ("unknown", reason) if reason in ("None", "") else ("queued", reason)
+    state, reason, nodes, partition = (out.split("|") + [""] * 4)[:4]
+    needed = int(nodes) if nodes.isdigit() else None
+    usable = None
+    if state == "PENDING" and partition and reason.startswith(NODES_UNAVAILABLE):
+        from launch.slurm.params import usable_node_count
+
+        usable = usable_node_count(partition)
+    verdict = classify_pending(state, reason, needed, usable)
+    if verdict == "blocked" and usable is not None:
+        reason += f"; partition {partition} has {usable} usable node(s), the job needs {needed}"
+    return verdict, reason

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,16 @@ from tests.conftest import ROOT, run_cli
 TOTAL_STEPS = 8
 HANG_AT = 4  # the preempted / timed-out / cancelled runs hold here (checkpoint at step 3 already written)
 PROFILE = "configs/cluster/local_test.yaml"
+REPORT = os.environ.get("FAULT_REPORT")  # a JSON file the measured detection/recovery times are added to
+
+
+def record_figures(name: str, **figures) -> None:
+    """Add one test's measured times to FAULT_REPORT (docs/reliability.md); reported, never asserted."""
+    if REPORT:
+        path = Path(REPORT)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[name] = {**figures, "load_1min": round(os.getloadavg()[0], 1)}
+        path.write_text(json.dumps(data, indent=2))
 
 
 def overrides(shards: Path, root: Path, name: str, *extra: str) -> list[str]:
@@ -318,13 +329,16 @@ class Run:
     def summary(self) -> dict:
         return json.loads((self.dir / "summary.json").read_text())
 
-    def rank_at_step(self, rank: int, step: int) -> dict:
-        """Rank ``rank``'s heartbeat once it has done ``step`` steps of this attempt (its pid, node, step)."""
+    def rank_at_step(self, rank: int, step: int, attempt: int | None = None) -> dict:
+        """Rank ``rank``'s heartbeat once it has done ``step`` steps (in ``attempt``, if given): its pid, node, step,
+        and when the step was done (progress_at)."""
 
         def beat():
             try:
                 record = json.loads((self.dir / f"heartbeat/rank{rank:05d}.json").read_text())
             except (OSError, ValueError):
+                return None
+            if attempt is not None and record.get("attempt") != attempt:
                 return None
             return record if record["step"] >= step and record["phase"] == "training" else None
 
@@ -474,6 +488,20 @@ def _history(run: Run, mlflow_run) -> list:
     )
 
 
+def sacct_end(job_id: str) -> tuple[str, float]:
+    """(Slurm's final state, its end as a Unix time) from the accounting database, once it has both."""
+
+    def ended():
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,End"], capture_output=True, text=True
+        ).stdout.split()
+        state, _, end = (out[-1] if out else "|").partition("|")
+        return (state.split()[0], end) if end[:1].isdigit() else None
+
+    state, end = wait_until(ended, f"sacct's end of job {job_id}", timeout_s=120)
+    return state, datetime.fromisoformat(end).timestamp()
+
+
 @pytest.mark.slurm
 def test_a_job_sbatch_refuses_is_one_error_line(slurm_cluster, tmp_path, digits_shards):
     result = run_cli(
@@ -545,6 +573,106 @@ def test_a_job_waiting_for_a_down_node_is_reported_not_left_pending(slurm_cluste
     assert "cannot start: pending, Reason=ReqNodeNotAvail" in out and "scancel" in out
     job_id = json.loads((tmp_path / "down/slurm/status.json").read_text())["job_id"]
     subprocess.run(["scancel", job_id], check=False)
+
+
+def scontrol_value(kind: str, name: str, key: str) -> str:
+    """One field of `scontrol show <kind> <name>` (e.g. a partition's MaxTime), to put it back after a test."""
+    out = subprocess.run(["scontrol", "show", kind, name, "-o"], capture_output=True, text=True, check=True).stdout
+    return next(f.split("=", 1)[1] for f in out.split() if f.startswith(f"{key}="))
+
+
+def squeue_line(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.slurm
+def test_a_queued_job_whose_nodes_go_down_ends_the_wait_with_the_reason(slurm_cluster, tmp_path, digits_shards):
+    """After submitting: a 2-node job queued behind a job on both nodes (Reason=Resources: it will start), then
+    node2 is drained. Its reason stays "Resources" (shown as "Nodes required for job are DOWN, DRAINED or
+    reserved..."), and now it can never start: `launch.wait=true` says so and exits non-zero, the job left queued.
+    (Runs before the module's jobs start, while the cluster is idle.)"""
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", "-N2", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 600"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    run = None
+    try:
+        wait_until(lambda: squeue_line(blocker).startswith("RUNNING"), f"the blocking job {blocker} to run")
+        run = Run(tmp_path, digits_shards, "queued")  # launch.wait=true
+        job_id = run.job_id()
+        wait_until(lambda: "queued: job" in run.cli.output() or run.cli.proc.poll() is not None, "the queued report")
+        assert run.cli.proc.poll() is None, run.cli.output()[-3000:]  # it waits, as it should for Resources
+        subprocess.run(["scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=vitpipe-test"], check=True)
+        code, output = run.cli.finish(timeout_s=300)
+        pending = squeue_line(job_id)
+    finally:
+        subprocess.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], check=True)
+        subprocess.run(["scancel", blocker, *([run.status["job_id"]] if run and run.status.get("job_id") else [])])
+    assert code == 1, output[-3000:]
+    assert f"submitted Slurm job {job_id}" in output
+    assert f"queued: job {job_id} is pending (Reason=" in output  # Resources, or Priority behind the blocker
+    assert (
+        f"error: job {job_id} cannot start: pending, Reason=Nodes required for job are DOWN, DRAINED" in output
+        and "; partition debug has 1 usable node(s), the job needs 2 (nodes down or drained)" in output
+        and f"scancel {job_id}" in output
+    ), output[-3000:]
+    assert pending.startswith("PENDING|")  # reported and left queued, for its owner to cancel or wait out
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize(
+    "ask, needle, offer",
+    [
+        ("launch.slurm.mem_gb=16", "16 GB (launch.slurm.mem_gb)", "7 GB"),
+        ("launch.gpus_per_node=1", "1 GPUs, but partition debug has 0 such node(s)", "0 GPUs"),
+    ],
+)
+def test_memory_or_gpus_the_nodes_lack_are_refused_before_submitting(
+    slurm_cluster, tmp_path, digits_shards, ask, needle, offer
+):
+    """The nodes have 4 CPUs, 8000 MB and no GPUs: asking more is refused with exit 2, what was asked and what the
+    largest node has named; nothing is submitted."""
+    result = run_cli(
+        "pretrain",
+        "launch.cluster=slurm",
+        f"launch.slurm_profile={PROFILE}",
+        "launch.nodes=2",
+        "launch.slurm.cpus_per_task=1",
+        *shard_overrides(digits_shards),
+        ask,
+        f"run.root={tmp_path}",
+        "run.name=x",
+        cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "the job can never start" in last and needle in last and "its largest node has 4 CPUs" in last
+    assert offer in last and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slurm
+def test_a_time_limit_above_the_partitions_is_refused_before_submitting(slurm_cluster, tmp_path, digits_shards):
+    """The partition's MaxTime set to 10 min (scontrol, put back after): the profile's time_min=30 is refused."""
+    before = scontrol_value("partition", "debug", "MaxTime")
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=10"], check=True)
+    try:
+        result = run_cli(
+            "pretrain",
+            "launch.cluster=slurm",
+            f"launch.slurm_profile={PROFILE}",
+            "launch.slurm.cpus_per_task=1",
+            *shard_overrides(digits_shards),
+            f"run.root={tmp_path}",
+            "run.name=x",
+            cwd=ROOT,
+        )
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", f"MaxTime={before}"], check=True)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "launch.slurm.time_min=30 exceeds the time limit of partition debug (10 min)" in result.stderr
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slurm
@@ -698,11 +826,16 @@ def test_a_killed_rank_of_a_two_node_job_is_named_and_the_job_retried(jobs):
     attempt resumes from the latest checkpoint and finishes the run, in the same MLflow run."""
     run = jobs["killed"]
     beat = run.rank_at_step(1, 3)
+    killed_at = time.monotonic()
     os.kill(beat["pid"], 9)
+    failures_file = run.dir / "failures.jsonl"  # the teardown records the cause, then prints it
+    wait_until(lambda: failures_file.exists() or run.cli.proc.poll() is not None, "rank 1 named", every_s=0.2)
+    named_s = time.monotonic() - killed_at
     code, output = run.cli.finish()
     assert code == 0, output[-4000:]
     log = run.rank0_log()
     assert f"vitpipe: rank 1 on {beat['node']} failed at step" in log and "killed by SIGKILL" in log, log[-3000:]
+    assert "killed by SIGKILL (most often the out-of-memory killer; see dmesg" in log  # the hint, in the report
     assert "requeueing job" in log
     failures = [json.loads(line) for line in (run.dir / "failures.jsonl").read_text().splitlines()]
     assert len(failures) == 1 and failures[0]["rank"] == 1 and failures[0]["node"] == beat["node"]
@@ -710,6 +843,8 @@ def test_a_killed_rank_of_a_two_node_job_is_named_and_the_job_retried(jobs):
     assert run.summary()["step"] == TOTAL_STEPS
     (mlflow_run,) = run.mlflow_runs()
     assert mlflow_run.info.status == "FINISHED" and "SIGKILL" in mlflow_run.data.tags["failure.1"]
+    assert "out-of-memory" in mlflow_run.data.tags["failure.1"]
+    record_figures("slurm_killed_rank", sigkill_to_named_s=round(named_s, 1), failed_step=failures[0]["step"])
 
 
 @pytest.mark.slurm
@@ -718,12 +853,58 @@ def test_a_stalled_rank_of_a_two_node_job_is_found_by_the_watchdog(jobs):
     launch.hang_timeout_s, and the failure names rank 1 on its node as not answering."""
     run = jobs["stalled"]
     beat = run.rank_at_step(1, 3)
+    stopped_at = time.time()
     os.kill(beat["pid"], 19)  # SIGSTOP
     try:
         code, output = run.cli.finish()
+        reported_s = time.time() - stopped_at
     finally:
         subprocess.run(["kill", "-CONT", str(beat["pid"])], capture_output=True)
     assert code == 1, output[-4000:]
     assert f"rank 1 on {beat['node']}" in output and "hang: rank 1" in output and "not answering" in output
     assert run.status["state"] == "FAILED" and run.status["failed_rank"] == 1
     assert "hang watchdog" in run.rank0_log()
+    state, ended_at = sacct_end(run.status["job_id"])
+    assert state == "FAILED"  # Slurm's books too: a failed job (an afterok successor would not start)
+    record_figures(
+        "slurm_stalled_rank",
+        hang_timeout_s=20,
+        sigstop_to_job_end_s=round(ended_at - stopped_at, 1),  # sacct's End: whole seconds
+        sigstop_to_reported_s=round(reported_s, 1),
+    )
+
+
+@pytest.mark.slurm
+def test_scontrol_requeue_of_a_running_job_resumes_it_exactly(jobs, digits_shards):
+    """`scontrol requeue` of the running 2-node job (an admin, a node health check): Slurm sends SIGTERM to every
+    task (SIGKILL after KillWait, 5 s here), the ranks save at the step they are at if that fits, the job runs again
+    as attempt 1 under the same id, resumes from the latest complete checkpoint and finishes with the uninterrupted
+    run's step count and losses, in one MLflow run with restarts=1. Not a failure: nothing in failures.jsonl.
+    Started here, last, when the other jobs have left the cluster (a job holding a slot from the start could
+    keep a requeued one of the other tests from running)."""
+    code, output = jobs["reference"].cli.finish()  # the losses to compare with
+    assert code == 0, output[-4000:]
+    run = Run(jobs["tmp"], digits_shards, "requeued", "launch.heartbeat_s=1", env=hang_env())
+    jobs["requeued"] = run  # the fixture cancels it if this test fails half-way
+    run.wait_for_hang()
+    assert (run.dir / "checkpoints/step00000003/COMPLETE").exists()
+    job_id = run.job_id()
+    requeued_at = time.time()
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    wait_until(lambda: "resumed from step" in run.rank0_log() or run.cli.proc.poll() is not None, "the resume")
+    resumed_s = time.time() - requeued_at
+    first_step = run.rank_at_step(0, 1, attempt=1)
+    code, output = run.cli.finish()
+    assert code == 0, output[-4000:]
+    log = run.rank0_log()
+    tags = [t for t in (f"step{HANG_AT:08d}", "step00000003") if f"resumed from {t}" in log]
+    assert len(tags) == 1, log[-3000:]  # step 4 if the SIGTERM's save fit in KillWait, else step 3
+    assert run.status["state"] == "COMPLETED" and run.status["attempt"] == 1 and run.status["job_id"] == job_id
+    assert not (run.dir / "failures.jsonl").exists()
+    assert_resumed_exactly(run, jobs["reference"], restarts=1)
+    record_figures(
+        "slurm_requeue",
+        resumed_from=tags[0],
+        requeue_to_resumed_s=round(resumed_s, 1),  # the resumed attempt has loaded the checkpoint
+        requeue_to_first_step_s=round(first_step["progress_at"] - requeued_at, 1),
+    )
