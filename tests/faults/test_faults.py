@@ -216,33 +216,88 @@ def test_the_same_error_at_the_same_step_twice_is_not_retried(shards, tmp_path):
     assert [f["step"] for f in failures] == [3, 3] and all("injected failure" in f["cause"] for f in failures)
 
 
-def test_sigint_to_the_launcher_alone_checkpoints_every_rank_and_mlflow_says_stopped(shards, tmp_path):
-    """`kill -INT` of the launcher only (a supervisor's stop): every rank stops at its next step with a
-    checkpoint, exit 3; MLflow marks the run KILLED/stopped; started again it is RUNNING, then FINISHED."""
+def _the_mlflow_run(tmp_path: Path):
+    """The one MLflow run of the test's store (the runs' default sqlite store under run.root)."""
     from mlflow.tracking import MlflowClient
 
-    steps = 400  # enough that the run cannot end before the signal lands (14 steps once finished within a second)
-    job = Job(overrides(shards, tmp_path, "int", steps, "checkpoint.every_steps=0"), tmp_path, "int")
-    job.wait_for_step(0, 3)
-    os.kill(job.proc.pid, signal.SIGINT)  # the launcher's pid alone: the ranks have process groups of their own
-    code = job.wait()
-    out = job.output()
-    assert code == 3, out[-3000:]
-    summary_step = int(out.split("stopped at step ")[1].split("/")[0])
-    from pipeline.train.checkpoint import latest_complete
-
-    assert latest_complete(job.run.checkpoints) == f"step{summary_step:08d}"
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert run.info.status == "KILLED" and run.data.tags["run_state"] == "stopped"
+    return client, run
 
-    again = Job(overrides(shards, tmp_path, "int", steps, "checkpoint.every_steps=0"), tmp_path, "int")
-    assert again.wait() == 0, again.output()[-3000:]
-    # (RUNNING in between is not polled for: the journal may deliver RUNNING and FINISHED in one batch)
+
+def _mlflow_state(run) -> tuple[str, str, str]:
+    return run.info.status, run.data.tags.get("run_state", ""), run.data.tags.get("stopped_reason", "")
+
+
+def _stop_the_launcher(job: Job, sig: signal.Signals) -> tuple[int, float]:
+    """``sig`` to the launcher's pid alone (the ranks have process groups of their own): every rank must stop
+    with a checkpoint, exit 3. Returns the step it stopped at and the seconds from the signal to the exit."""
+    from pipeline.train.checkpoint import latest_complete, tag_for
+
+    os.kill(job.proc.pid, sig)
+    sent = time.monotonic()
+    code = job.wait()
+    exited_after = time.monotonic() - sent
+    out = job.output()
+    assert code == 3, out[-3000:]
+    step = int(out.split("stopped at step ")[-1].split("/")[0])
+    assert latest_complete(job.run.checkpoints) == tag_for(step), "every rank saved at the step it stopped at"
+    return step, exited_after
+
+
+def _wait_until_mlflow_says_running(client, run_id: str, job: Job, timeout_s: float = 300) -> None:
+    """Polls the store while ``job`` is held inside a step (so the run cannot move on to another state first)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and job.proc.poll() is None:
+        if _mlflow_state(client.get_run(run_id))[:2] == ("RUNNING", "running"):
+            return
+        time.sleep(0.2)
+    state = _mlflow_state(client.get_run(run_id))
+    pytest.fail(f"MLflow still says {state} for the resumed run:\n{job.output()[-3000:]}")
+
+
+def test_sigint_and_sigterm_to_the_launcher_alone_stop_the_run_and_mlflow_follows_each_state(shards, tmp_path):
+    """`kill -INT`, later `kill -TERM`, of the launcher only (a supervisor's stop): each time every rank stops
+    at its next step with a checkpoint, exit 3, and MLflow says KILLED / run_state=stopped; each resumed attempt
+    makes the same MLflow run RUNNING / run_state=running again (seen while the test hook holds rank 1 inside a
+    step, so no timing decides it); the last one ends FINISHED with every step, in one MLflow run."""
+    steps = 400  # enough that the first attempt cannot end before the signal lands
+    args = overrides(shards, tmp_path, "int", steps, "checkpoint.every_steps=0")
+    first = Job(args, tmp_path, "int")
+    first.wait_for_step(0, 3)
+    on_sigint, sigint_exit_s = _stop_the_launcher(first, signal.SIGINT)
+    client, run = _the_mlflow_run(tmp_path)
+    status, run_state, reason = _mlflow_state(run)
+    assert (status, run_state) == ("KILLED", "stopped") and "SIGINT" in reason
+
+    hold = on_sigint + 2  # a step the resumed attempt trains through; rank 1 waits there for a stop signal
+    second = Job(args, tmp_path, "int", env={"VITPIPE_FAULT": f"rank=1,step={hold},action=hang"})
+    started = time.monotonic()
+    second.wait_for_step(0, on_sigint + 1)
+    first_step_s = time.monotonic() - started
+    second.wait_for_step(1, hold)
+    _wait_until_mlflow_says_running(client, run.info.run_id, second)
+    running_s = time.monotonic() - started
+    on_sigterm, sigterm_exit_s = _stop_the_launcher(second, signal.SIGTERM)
+    assert on_sigterm == hold
+    status, run_state, reason = _mlflow_state(client.get_run(run.info.run_id))
+    assert (status, run_state) == ("KILLED", "stopped") and "SIGTERM" in reason
+
+    last = Job(args, tmp_path, "int")
+    assert last.wait() == 0, last.output()[-3000:]
     final = client.get_run(run.info.run_id)
-    assert final.info.status == "FINISHED" and final.data.tags["run_state"] == "finished"
-    assert final.data.tags["restarts"] == "1", "the same MLflow run continued"
+    assert _mlflow_state(final)[:2] == ("FINISHED", "finished")
+    assert final.data.tags["restarts"] == "2", "the same MLflow run continued twice"
     assert len(client.search_runs([run.info.experiment_id])) == 1
+    done = last.run.read_summary()["step"]
+    assert sorted(losses(last.run)) == list(range(1, done + 1)), "no step lost or repeated over the three attempts"
+    report(
+        "sigint_sigterm_to_the_launcher",
+        sigint_to_exit_s=round(sigint_exit_s, 1),
+        sigterm_to_exit_s=round(sigterm_exit_s, 1),
+        resume_to_first_new_step_s=round(first_step_s, 1),
+        resume_to_mlflow_running_s=round(running_s, 1),
+    )
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["sync", "background-write"])
