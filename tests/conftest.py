@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,3 +53,14 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600
         text=True,
         timeout=timeout,
     )
+
+
+def fault_report(name: str, **figures) -> None:
+    """Measured detection/recovery figures for docs/reliability.md, added to the JSON file ``FAULT_REPORT`` names
+    (nothing without it). Tests only record them: a figure depends on the machine's load, never asserted."""
+    where = os.environ.get("FAULT_REPORT")
+    if where:
+        path = Path(where)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[name] = figures
+        path.write_text(json.dumps(data, indent=2))

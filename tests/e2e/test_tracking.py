@@ -23,7 +23,7 @@ from pipeline.config import Config
 from pipeline.rundir import RunDir
 from pipeline.tracking.journal import Spool
 from pipeline.tracking.tracker import Tracker, pipeline_run
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, fault_report, run_cli
 
 NAME_RE = r"\d{4}-\d\d-\d\d \d\d:\d\d"  # the date part of a readable run name
 
@@ -281,6 +281,30 @@ def _spool_records(run_dir: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
+def _restart_and_measure_the_backlog(srv, run_dir: Path, proc: subprocess.Popen) -> None:
+    """Starts the server again; for the report (never asserted): seconds from its answering again until the
+    journal kept while it was down is sent (the sender's offset past it, or the journal gone at the run's end)."""
+    run = RunDir(run_dir)
+    backlog = run.spool.stat().st_size if run.spool.exists() else 0
+    started = time.monotonic()
+    srv.start()
+    answering = time.monotonic()
+
+    def sent() -> bool:
+        try:
+            return not run.spool.exists() or int(run.spool_sent.read_text() or 0) >= backlog
+        except (OSError, ValueError):
+            return False
+
+    _wait_for(sent, 300, "the backlog sent to the restarted server", proc)
+    fault_report(
+        "mlflow_server_down",
+        server_restart_s=round(answering - started, 1),
+        backlog_sent_after_answering_s=round(time.monotonic() - answering, 1),
+        backlog_bytes=backlog,
+    )
+
+
 @pytest.fixture(scope="module")
 def outage_run(digits_shards, server, tmp_path_factory):
     """Attempt 1 has no server to talk to (its address answers nothing) and stops, resumably, at step 3.
@@ -340,7 +364,7 @@ def outage_run(digits_shards, server, tmp_path_factory):
             "records logged while the server is down",
             proc,
         )
-        srv.start()
+        _restart_and_measure_the_backlog(srv, run_dir, proc)
         out["second_rc"] = proc.wait(timeout=600)
         out["second_log"] = log.read_text()
         parent.finish("FINISHED")

@@ -23,10 +23,9 @@ import pytest
 
 from pipeline.rundir import RunDir
 from tests.conftest import ROOT, run_cli
+from tests.conftest import fault_report as report
 
 pytestmark = pytest.mark.slow
-
-REPORT = os.environ.get("FAULT_REPORT")  # a JSON file the measured detection/recovery times are added to
 
 
 def overrides(shards: Path, root: Path, name: str, steps: int, *extra: str) -> list[str]:
@@ -49,6 +48,20 @@ def shards(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("digits8")
     write_digits(out, samples_per_shard=200)
+    return out
+
+
+EPOCH_SHARDS, EPOCH_SHARD_SAMPLES = 8, 32  # one shard per canonical stream; at batch 32, an epoch is 8 steps
+
+
+@pytest.fixture(scope="module")
+def epoch_shards(tmp_path_factory) -> Path:
+    """Train shards of 32 samples: the first 8 (``overrides`` takes those) are an epoch of 8 steps at batch 32, one
+    shard per canonical stream."""
+    from pipeline.data.sources import write_digits
+
+    out = tmp_path_factory.mktemp("digits32")
+    write_digits(out, samples_per_shard=EPOCH_SHARD_SAMPLES)
     return out
 
 
@@ -100,14 +113,6 @@ class Job:
         return self.log.read_text(errors="replace")
 
 
-def report(name: str, **figures) -> None:
-    if REPORT:
-        path = Path(REPORT)
-        data = json.loads(path.read_text()) if path.exists() else {}
-        data[name] = figures
-        path.write_text(json.dumps(data, indent=2))
-
-
 def losses(run: RunDir) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in run.read_train_log()}
 
@@ -118,6 +123,24 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _seconds_until(job: Job, since: float, happened, timeout_s: float = 900) -> float:
+    """For the report only (never asserted): seconds from ``since`` until ``happened()`` while the job runs,
+    polled every 0.1 s; -1 when the job ended first."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and job.proc.poll() is None:
+        if happened():
+            return round(time.monotonic() - since, 1)
+        time.sleep(0.1)
+    return -1.0
+
+
+def _retry_trained_a_step(job: Job) -> bool:
+    """Rank 0 of the retry (attempt 1) has trained a step past its checkpoint (as its heartbeat says; the heartbeat
+    interval is the resolution)."""
+    beat = job.beat(0)
+    return beat.get("attempt", 0) >= 1 and beat.get("step", 0) > 0 and beat.get("phase") != "starting"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -174,12 +197,10 @@ def test_a_killed_rank_is_named_and_the_run_is_retried_to_its_end(shards, tmp_pa
     beat = job.wait_for_step(1, 5)
     os.kill(beat["pid"], signal.SIGKILL)
     killed_at = time.monotonic()
-    named_after = None
-    while job.proc.poll() is None and named_after is None:
-        if "was killed by SIGKILL" in job.output():
-            named_after = time.monotonic() - killed_at
-        time.sleep(0.2)
+    named_after = _seconds_until(job, killed_at, lambda: "was killed by SIGKILL" in job.output())
+    retried_after = _seconds_until(job, killed_at, lambda: _retry_trained_a_step(job))
     code = job.wait()
+    ended_after = time.monotonic() - killed_at
     out = job.output()
     assert code == 0, out[-4000:]
     first = out.index("rank 1 of 2 on")
@@ -197,7 +218,12 @@ def test_a_killed_rank_is_named_and_the_run_is_retried_to_its_end(shards, tmp_pa
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED" and run.data.tags["run_state"] == "finished"
     assert "SIGKILL" in run.data.tags["failure.1"] and run.data.tags["failures"] == "1"
-    report("sigkill_of_a_rank", named_after_s=round(named_after or -1, 1))
+    report(
+        "sigkill_of_a_rank",
+        named_after_s=named_after,
+        retry_first_step_after_s=retried_after,
+        run_ended_after_s=round(ended_after, 1),
+    )
 
 
 def test_the_same_error_at_the_same_step_twice_is_not_retried(shards, tmp_path):
@@ -214,35 +240,92 @@ def test_the_same_error_at_the_same_step_twice_is_not_retried(shards, tmp_path):
     assert "not retried: the same error at the same step (3) twice" in result.stderr, result.stderr[-3000:]
     failures = RunDir(tmp_path / "bug").read_failures()
     assert [f["step"] for f in failures] == [3, 3] and all("injected failure" in f["cause"] for f in failures)
+    first, second = (time.mktime(time.strptime(f["time"], "%Y-%m-%d %H:%M:%S")) for f in failures)
+    report("same_error_twice", retry_back_at_the_step_after_s=second - first, resolution_s=1)
 
 
-def test_sigint_to_the_launcher_alone_checkpoints_every_rank_and_mlflow_says_stopped(shards, tmp_path):
-    """`kill -INT` of the launcher only (a supervisor's stop): every rank stops at its next step with a
-    checkpoint, exit 3; MLflow marks the run KILLED/stopped; started again it is RUNNING, then FINISHED."""
+def _the_mlflow_run(tmp_path: Path):
+    """The one MLflow run of the test's store (the runs' default sqlite store under run.root)."""
     from mlflow.tracking import MlflowClient
 
-    steps = 400  # enough that the run cannot end before the signal lands (14 steps once finished within a second)
-    job = Job(overrides(shards, tmp_path, "int", steps, "checkpoint.every_steps=0"), tmp_path, "int")
-    job.wait_for_step(0, 3)
-    os.kill(job.proc.pid, signal.SIGINT)  # the launcher's pid alone: the ranks have process groups of their own
-    code = job.wait()
-    out = job.output()
-    assert code == 3, out[-3000:]
-    summary_step = int(out.split("stopped at step ")[1].split("/")[0])
-    from pipeline.train.checkpoint import latest_complete
-
-    assert latest_complete(job.run.checkpoints) == f"step{summary_step:08d}"
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert run.info.status == "KILLED" and run.data.tags["run_state"] == "stopped"
+    return client, run
 
-    again = Job(overrides(shards, tmp_path, "int", steps, "checkpoint.every_steps=0"), tmp_path, "int")
-    assert again.wait() == 0, again.output()[-3000:]
-    # (RUNNING in between is not polled for: the journal may deliver RUNNING and FINISHED in one batch)
+
+def _mlflow_state(run) -> tuple[str, str, str]:
+    return run.info.status, run.data.tags.get("run_state", ""), run.data.tags.get("stopped_reason", "")
+
+
+def _stop_the_launcher(job: Job, sig: signal.Signals) -> tuple[int, float]:
+    """``sig`` to the launcher's pid alone (the ranks have process groups of their own): every rank must stop
+    with a checkpoint, exit 3. Returns the step it stopped at and the seconds from the signal to the exit."""
+    from pipeline.train.checkpoint import latest_complete, tag_for
+
+    os.kill(job.proc.pid, sig)
+    sent = time.monotonic()
+    code = job.wait()
+    exited_after = time.monotonic() - sent
+    out = job.output()
+    assert code == 3, out[-3000:]
+    step = int(out.split("stopped at step ")[-1].split("/")[0])
+    assert latest_complete(job.run.checkpoints) == tag_for(step), "every rank saved at the step it stopped at"
+    return step, exited_after
+
+
+def _wait_until_mlflow_says_running(client, run_id: str, job: Job, timeout_s: float = 300) -> None:
+    """Polls the store while ``job`` is held inside a step (so the run cannot move on to another state first)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and job.proc.poll() is None:
+        if _mlflow_state(client.get_run(run_id))[:2] == ("RUNNING", "running"):
+            return
+        time.sleep(0.2)
+    state = _mlflow_state(client.get_run(run_id))
+    pytest.fail(f"MLflow still says {state} for the resumed run:\n{job.output()[-3000:]}")
+
+
+def test_sigint_and_sigterm_to_the_launcher_alone_stop_the_run_and_mlflow_follows_each_state(shards, tmp_path):
+    """`kill -INT`, later `kill -TERM`, of the launcher only (a supervisor's stop): each time every rank stops
+    at its next step with a checkpoint, exit 3, and MLflow says KILLED / run_state=stopped; each resumed attempt
+    makes the same MLflow run RUNNING / run_state=running again (seen while the test hook holds rank 1 inside a
+    step, so no timing decides it); the last one ends FINISHED with every step, in one MLflow run."""
+    steps = 400  # enough that the first attempt cannot end before the signal lands
+    args = overrides(shards, tmp_path, "int", steps, "checkpoint.every_steps=0")
+    first = Job(args, tmp_path, "int")
+    first.wait_for_step(0, 3)
+    on_sigint, sigint_exit_s = _stop_the_launcher(first, signal.SIGINT)
+    client, run = _the_mlflow_run(tmp_path)
+    status, run_state, reason = _mlflow_state(run)
+    assert (status, run_state) == ("KILLED", "stopped") and "SIGINT" in reason
+
+    hold = on_sigint + 2  # a step the resumed attempt trains through; rank 1 waits there for a stop signal
+    second = Job(args, tmp_path, "int", env={"VITPIPE_FAULT": f"rank=1,step={hold},action=hang"})
+    started = time.monotonic()
+    second.wait_for_step(0, on_sigint + 1)
+    first_step_s = time.monotonic() - started
+    second.wait_for_step(1, hold)
+    _wait_until_mlflow_says_running(client, run.info.run_id, second)
+    running_s = time.monotonic() - started
+    on_sigterm, sigterm_exit_s = _stop_the_launcher(second, signal.SIGTERM)
+    assert on_sigterm == hold
+    status, run_state, reason = _mlflow_state(client.get_run(run.info.run_id))
+    assert (status, run_state) == ("KILLED", "stopped") and "SIGTERM" in reason
+
+    last = Job(args, tmp_path, "int")
+    assert last.wait() == 0, last.output()[-3000:]
     final = client.get_run(run.info.run_id)
-    assert final.info.status == "FINISHED" and final.data.tags["run_state"] == "finished"
-    assert final.data.tags["restarts"] == "1", "the same MLflow run continued"
+    assert _mlflow_state(final)[:2] == ("FINISHED", "finished")
+    assert final.data.tags["restarts"] == "2", "the same MLflow run continued twice"
     assert len(client.search_runs([run.info.experiment_id])) == 1
+    done = last.run.read_summary()["step"]
+    assert sorted(losses(last.run)) == list(range(1, done + 1)), "no step lost or repeated over the three attempts"
+    report(
+        "sigint_sigterm_to_the_launcher",
+        sigint_to_exit_s=round(sigint_exit_s, 1),
+        sigterm_to_exit_s=round(sigterm_exit_s, 1),
+        resume_to_first_new_step_s=round(first_step_s, 1),
+        resume_to_mlflow_running_s=round(running_s, 1),
+    )
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["sync", "background-write"])
@@ -285,7 +368,15 @@ def test_a_rank_killed_while_writing_a_checkpoint_falls_back_to_the_previous_one
                 os.kill(beat["pid"], signal.SIGCONT)
         time.sleep(0.01)
     assert caught is not None, job.output()[-3000:]
+    killed_at = time.monotonic()
+    named_after = _seconds_until(job, killed_at, lambda: "retrying from the latest checkpoint" in job.output())
+    retried_after = _seconds_until(job, killed_at, lambda: _retry_trained_a_step(job))
     assert job.wait() == 0, job.output()[-4000:]
+    report(
+        f"kill_during_checkpoint_write_{'background' if background else 'sync'}",
+        named_after_s=named_after,
+        retry_first_step_after_s=retried_after,
+    )
     out = job.output()
     assert f"resumed from step{caught - 1:08d}" in out, out[-3000:]
     total = int(re.search(r"step \d+/(\d+) ", out).group(1))  # about ``steps``: epochs round to whole steps
@@ -306,23 +397,43 @@ def _keys_per_step(run: RunDir) -> dict[int, list[str]]:
     return {step: sorted(keys) for step, keys in steps.items()}
 
 
-def test_a_run_resumes_on_another_world_size_with_the_same_losses_and_samples(shards, tmp_path):
-    """Stopped on 2 ranks (ZeRO-2) at step 4, resumed on 1 and on 4: DeepSpeed's universal checkpoint
-    re-partitions model and optimizer, the canonical streams give every step the same samples, so the next
-    losses match the uninterrupted 2-rank run's and each global batch holds the same sample keys."""
-    steps, stop = 8, 4
-    common = ["checkpoint.every_steps=0", "data.record_keys=true", "tracking.enabled=false"]
-    _ok(run_cli("pretrain", *overrides(shards, tmp_path, "ref", steps, *common), cwd=ROOT))
+def _shard_keys(shards: Path) -> list[str]:
+    """The sample keys of the first EPOCH_SHARDS train shards, as webdataset names them (the file name up to its
+    first dot)."""
+    import tarfile
+
+    keys = set()
+    for index in range(EPOCH_SHARDS):
+        with tarfile.open(shards / f"train-{index:06d}.tar") as tar:
+            keys |= {Path(name).name.split(".")[0] for name in tar.getnames()}
+    return sorted(keys)
+
+
+def _epoch_keys(keys_per_step: dict[int, list[str]], steps: int) -> list[str]:
+    return sorted(key for step in range(steps) for key in keys_per_step[step])
+
+
+def test_a_run_resumes_on_another_world_size_with_the_same_losses_and_samples(epoch_shards, tmp_path):
+    """Stopped on 2 ranks (ZeRO-2) at step 4, the middle of its one epoch, resumed on 1 and on 4: DeepSpeed's
+    universal checkpoint re-partitions model and optimizer, the canonical streams give every step the same
+    samples, so the next losses match the uninterrupted 2-rank run's, each global batch holds the same sample
+    keys, and the whole epoch holds the uninterrupted epoch's samples, each as often (none lost or repeated).
+    (Not each shard sample exactly once: a stream's shuffle buffer reads on into its next pass over the shards,
+    here 64 samples of a 32-sample stream, so an epoch repeats some samples and leaves others for later.)"""
+    steps, stop = 8, 4  # one epoch (EPOCH_SHARDS x EPOCH_SHARD_SAMPLES samples at batch 32)
+    common = ["checkpoint.every_steps=0", "data.record_keys=true", "tracking.enabled=false", "optim.epochs=1"]
+    _ok(run_cli("pretrain", *overrides(epoch_shards, tmp_path, "ref", steps, *common), cwd=ROOT))
     stopped = run_cli(
-        "pretrain", *overrides(shards, tmp_path, "elastic", steps, *common, f"run.stop_at_step={stop}"), cwd=ROOT
+        "pretrain", *overrides(epoch_shards, tmp_path, "elastic", steps, *common, f"run.stop_at_step={stop}"), cwd=ROOT
     )
     assert stopped.returncode == 3, stopped.stderr[-3000:]
     shutil.copytree(tmp_path / "elastic", tmp_path / "elastic4")
     reference, ref_keys = losses(RunDir(tmp_path / "ref")), _keys_per_step(RunDir(tmp_path / "ref"))
+    assert max(reference) == steps and set(_epoch_keys(ref_keys, steps)) <= set(_shard_keys(epoch_shards))
     for name, ranks in (("elastic", 1), ("elastic4", 4)):
         started = time.monotonic()
         result = run_cli(
-            "pretrain", *overrides(shards, tmp_path, name, steps, *common, f"launch.nproc={ranks}"), cwd=ROOT
+            "pretrain", *overrides(epoch_shards, tmp_path, name, steps, *common, f"launch.nproc={ranks}"), cwd=ROOT
         )
         _ok(result)
         assert "converting it to a universal checkpoint" in result.stderr
@@ -332,8 +443,15 @@ def test_a_run_resumes_on_another_world_size_with_the_same_losses_and_samples(sh
             assert resumed[step] == pytest.approx(reference[step], rel=1e-4), (ranks, step)
         keys = _keys_per_step(run)
         assert all(keys[step] == ref_keys[step] for step in range(steps)), f"{ranks} ranks: other samples"
+        assert _epoch_keys(keys, steps) == _epoch_keys(ref_keys, steps), f"{ranks} ranks: a sample lost or repeated"
         assert run.read_summary()["world_size"] == ranks
-        report(f"world_size_2_to_{ranks}", resume_wall_s=round(time.monotonic() - started, 1))
+        converted = re.search(r"converted in ([\d.]+) s", result.stderr)
+        report(
+            f"world_size_2_to_{ranks}",
+            resume_wall_s=round(time.monotonic() - started, 1),
+            command_to_first_step_s=json.loads(run.startup.read_text()).get("to_first_step"),
+            universal_conversion_s=float(converted.group(1)) if converted else None,
+        )
 
 
 def test_resuming_a_zero3_run_on_another_world_size_is_refused_clearly(shards, tmp_path):
