@@ -188,6 +188,21 @@ def shard_overrides(shards: Path) -> list[str]:
     return [f"data.train_shards={shards}/train-{{000000..000003}}.tar", f"data.val_shards={shards}/val-000000.tar"]
 
 
+def submit_args(shards: Path, root: Path, name: str, *extra: str) -> list[str]:
+    """A ``pretrain`` on the test cluster's profile with one CPU per task, for the tests of what is refused or
+    reported around submitting (none of them trains)."""
+    return [
+        "pretrain",
+        "launch.cluster=slurm",
+        f"launch.slurm_profile={PROFILE}",
+        "launch.slurm.cpus_per_task=1",
+        *shard_overrides(shards),
+        *extra,
+        f"run.root={root}",
+        f"run.name={name}",
+    ]
+
+
 def test_auto_runs_locally_where_there_is_no_sbatch(tmp_path, digits_shards):
     bin_dir = Path(sys.executable).parent  # python only; no Slurm client on this PATH
     result = run_cli(
@@ -504,17 +519,7 @@ def sacct_end(job_id: str) -> tuple[str, float]:
 
 @pytest.mark.slurm
 def test_a_job_sbatch_refuses_is_one_error_line(slurm_cluster, tmp_path, digits_shards):
-    result = run_cli(
-        "pretrain",
-        "launch.cluster=slurm",
-        f"launch.slurm_profile={PROFILE}",
-        "launch.slurm.cpus_per_task=1",
-        *shard_overrides(digits_shards),
-        "launch.slurm.partition=nosuchpartition",
-        f"run.root={tmp_path}",
-        "run.name=x",
-        cwd=ROOT,
-    )
+    result = run_cli(*submit_args(digits_shards, tmp_path, "x", "launch.slurm.partition=nosuchpartition"), cwd=ROOT)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "nosuchpartition" in line or "error" in line]
     assert len(errors) == 1 and errors[0].startswith("error: launch.slurm.partition=nosuchpartition")
@@ -552,17 +557,7 @@ def test_a_job_waiting_for_a_down_node_is_reported_not_left_pending(slurm_cluste
     of printing "submitted" and leaving it. (Runs before the module's jobs start, while the cluster is idle.)"""
     subprocess.run(["scontrol", "update", "NodeName=node2", "State=DOWN", "Reason=vitpipe-test"], check=True)
     try:
-        result = run_cli(
-            "pretrain",
-            "launch.cluster=slurm",
-            f"launch.slurm_profile={PROFILE}",
-            "launch.nodes=2",
-            "launch.slurm.cpus_per_task=1",
-            *shard_overrides(digits_shards),
-            f"run.root={tmp_path}",
-            "run.name=down",
-            cwd=ROOT,
-        )
+        result = run_cli(*submit_args(digits_shards, tmp_path, "down", "launch.nodes=2"), cwd=ROOT)
     finally:
         subprocess.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], check=True)
     out = result.stderr
@@ -634,18 +629,7 @@ def test_memory_or_gpus_the_nodes_lack_are_refused_before_submitting(
 ):
     """The nodes have 4 CPUs, 8000 MB and no GPUs: asking more is refused with exit 2, what was asked and what the
     largest node has named; nothing is submitted."""
-    result = run_cli(
-        "pretrain",
-        "launch.cluster=slurm",
-        f"launch.slurm_profile={PROFILE}",
-        "launch.nodes=2",
-        "launch.slurm.cpus_per_task=1",
-        *shard_overrides(digits_shards),
-        ask,
-        f"run.root={tmp_path}",
-        "run.name=x",
-        cwd=ROOT,
-    )
+    result = run_cli(*submit_args(digits_shards, tmp_path, "x", "launch.nodes=2", ask), cwd=ROOT)
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert "the job can never start" in last and needle in last and "its largest node has 4 CPUs" in last
@@ -658,16 +642,7 @@ def test_a_time_limit_above_the_partitions_is_refused_before_submitting(slurm_cl
     before = scontrol_value("partition", "debug", "MaxTime")
     subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=10"], check=True)
     try:
-        result = run_cli(
-            "pretrain",
-            "launch.cluster=slurm",
-            f"launch.slurm_profile={PROFILE}",
-            "launch.slurm.cpus_per_task=1",
-            *shard_overrides(digits_shards),
-            f"run.root={tmp_path}",
-            "run.name=x",
-            cwd=ROOT,
-        )
+        result = run_cli(*submit_args(digits_shards, tmp_path, "x"), cwd=ROOT)
     finally:
         subprocess.run(["scontrol", "update", "PartitionName=debug", f"MaxTime={before}"], check=True)
     assert result.returncode == 2, result.stderr[-3000:]
